@@ -1,0 +1,1 @@
+"""Analysis of attention-output SAEs: head attribution, DFA, induction features, circuits, dashboards."""

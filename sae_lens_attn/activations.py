@@ -1,0 +1,245 @@
+"""One model pass feeds many sites: activations (and optionally dL/d activation) as flat token batches.
+
+* :func:`harvest` runs the model once on token rows and returns every requested site's activations as
+  ``[rows, pos, d_in]``, stopping after the last requested layer when no gradient is needed.
+* With ``with_grad=True`` it also returns ``dL/dx`` at each site for the summed next-token cross-entropy,
+  the model's parameters untouched (they are frozen by ``load_model``) and the gradients detached.
+* :func:`activation_batches` turns token rows into shuffled ``[batch, d_in]`` batches for training, with
+  the same tokens at every site so many SAEs can train from one pass.
+* :func:`splice` is the context manager evals and analysis use to replace a site's activation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+
+from .models import bos_token_id, model_device
+from .sites import Site
+
+
+class NonFiniteActivationError(FloatingPointError):
+    """NaN or inf in a harvested activation: names the site and the first bad row."""
+
+
+class Harvest(NamedTuple):
+    acts: dict[Site, Float[torch.Tensor, "rows pos d_in"]]
+    """Each site's activations, heads flattened by the Site."""
+    grads: dict[Site, Float[torch.Tensor, "rows pos d_in"]] | None
+    """dL/dx at each site (L: next-token CE summed over positions), or None."""
+    mask: torch.Tensor
+    """[rows, pos] True where the token is kept (not BOS, when BOS is dropped)."""
+
+
+class SiteBatch(NamedTuple):
+    acts: Float[torch.Tensor, "batch d_in"]
+    grads: Float[torch.Tensor, "batch d_in"] | None
+
+
+def check_sites(model, sites: Sequence[Site]) -> None:
+    if not sites:
+        raise ValueError("no sites given")
+    for site in sites:
+        site.validate(model.cfg)
+        if site.hook_name not in model.hook_dict:
+            raise ValueError(f"site {site.label}: hook {site.hook_name!r} does not exist in this model")
+
+
+def _check_finite(site: Site, t: torch.Tensor, what: str = "activations") -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).flatten(1).any(1).nonzero()[0].item()
+        raise NonFiniteActivationError(
+            f"NaN/inf {what} at site {site.label} ({site.hook_name}), first in row {bad}: check the model's "
+            "dtype (try --dtype float32) and the input tokens"
+        )
+
+
+def harvest(
+    model,
+    tokens: Int[torch.Tensor, "rows pos"],
+    sites: Sequence[Site],
+    with_grad: bool = False,
+    drop_bos: bool = True,
+) -> Harvest:
+    """Run ``model`` once on ``tokens`` and capture every site (and dL/dx at it, with ``with_grad``)."""
+    check_sites(model, sites)
+    tokens = tokens.to(model_device(model))
+    hook_names = sorted({s.hook_name for s in sites})
+    raw: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
+
+    def capture(tensor: torch.Tensor, hook, name: str) -> torch.Tensor | None:
+        # ``hook.name`` may be the canonical name of an alias (hook_z is o.hook_in in the bridge): key by ours.
+        if with_grad:
+            # A zero "delta" added at the site: dL/d(delta) = dL/d(activation), and the graph is kept whole,
+            # so the gradient at an early site still flows through later sites.
+            delta = torch.zeros_like(tensor, requires_grad=True)
+            deltas[name] = delta
+            raw[name] = tensor.detach()
+            return tensor + delta
+        raw[name] = tensor.detach()
+        return None
+
+    fwd = [(name, functools.partial(capture, name=name)) for name in hook_names]
+    with model.hooks(fwd_hooks=fwd):
+        if with_grad:
+            with torch.enable_grad():
+                per_tok = model(tokens, return_type="loss", loss_per_token=True)
+                loss = per_tok.sum()
+                grads_raw = dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values())), strict=True))
+        else:
+            with torch.inference_mode():
+                model(tokens, return_type=None, stop_at_layer=max(s.layer for s in sites) + 1)
+    missing = [n for n in hook_names if n not in raw]
+    if missing:
+        raise RuntimeError(f"hooks {missing} did not fire; the model's forward pass skipped them")
+    acts = {s: s.flatten(raw[s.hook_name]).clone() for s in sites}
+    for s, a in acts.items():
+        _check_finite(s, a)
+    grads = None
+    if with_grad:
+        grads = {s: s.flatten(grads_raw[s.hook_name].detach()).clone() for s in sites}
+        for s, g in grads.items():
+            _check_finite(s, g, "gradients")
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    if drop_bos:
+        mask &= tokens != bos_token_id(model)
+    return Harvest(acts, grads, mask)
+
+
+def activation_batches(
+    model,
+    rows: Int[torch.Tensor, "rows pos"],
+    sites: Sequence[Site],
+    batch_size: int,
+    *,
+    model_batch_rows: int = 32,
+    buffer_tokens: int = 65536,
+    with_grad: bool = False,
+    drop_bos: bool = True,
+    seed: int = 0,
+    epochs: int | None = None,
+    device: str | torch.device | None = None,
+) -> Iterator[dict[Site, SiteBatch]]:
+    """Shuffled training batches from token ``rows``, cycling over them (``epochs`` times, or forever).
+
+    A buffer of ``buffer_tokens`` harvested tokens is shuffled, half of it is served, and the other half is
+    kept to mix with the next harvest (the usual activation-store scheme), so batches mix many rows.
+    Every site's batch holds the same tokens, in the same order.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise ValueError(f"rows must be a non-empty [rows, pos] token tensor, got shape {tuple(rows.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    out_device = torch.device(device) if device is not None else model_device(model)
+    keys = list(sites)
+    store: dict[Site, list[torch.Tensor]] = {s: [] for s in keys}
+    gstore: dict[Site, list[torch.Tensor]] = {s: [] for s in keys}
+    have = 0
+    capacity = max(buffer_tokens, 2 * batch_size)
+
+    def drain(final: bool) -> Iterator[dict[Site, SiteBatch]]:
+        nonlocal have
+        cat = {s: torch.cat(store[s]) for s in keys}
+        gcat = {s: torch.cat(gstore[s]) for s in keys} if with_grad else None
+        perm = torch.randperm(have, generator=gen)
+        serve = have if final else have // 2
+        n_batches = serve // batch_size
+        for b in range(n_batches):
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            yield {
+                s: SiteBatch(
+                    cat[s][idx].to(out_device, non_blocking=True),
+                    gcat[s][idx].to(out_device, non_blocking=True) if gcat is not None else None,
+                )
+                for s in keys
+            }
+        rest = perm[n_batches * batch_size :]
+        for s in keys:
+            store[s] = [cat[s][rest]]
+            if gcat is not None:
+                gstore[s] = [gcat[s][rest]]
+        have = len(rest)
+
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = torch.randperm(rows.shape[0], generator=gen)
+        for start in range(0, len(order), model_batch_rows):
+            h = harvest(model, rows[order[start : start + model_batch_rows]], sites, with_grad, drop_bos)
+            keep = h.mask.reshape(-1).cpu()
+            for s in keys:
+                store[s].append(h.acts[s].reshape(-1, h.acts[s].shape[-1]).cpu()[keep])
+                if with_grad:
+                    gstore[s].append(h.grads[s].reshape(-1, h.grads[s].shape[-1]).cpu()[keep])
+            have += int(keep.sum())
+            if have >= capacity:
+                yield from drain(final=False)
+        epoch += 1
+    if have >= batch_size:
+        yield from drain(final=True)
+
+
+@contextmanager
+def splice(model, site: Site, fn: Callable[[torch.Tensor], torch.Tensor], keep: torch.Tensor | None = None):
+    """Replace ``site``'s activation by ``fn(flat)`` (flat: [batch, pos, d_in]) inside the block.
+
+    ``keep``: [batch, pos] bool; positions where it is False keep the clean activation (e.g. BOS, which SAEs
+    are not trained on). Hooks are removed on exit, also on error.
+    """
+    check_sites(model, [site])
+
+    def hook(tensor: torch.Tensor, hook) -> torch.Tensor:
+        flat = site.flatten(tensor)
+        new = fn(flat).to(flat.dtype)
+        if keep is not None:
+            new = torch.where(keep.to(new.device)[..., None], new, flat)
+        return site.unflatten(new, tensor)
+
+    with model.hooks(fwd_hooks=[(site.hook_name, hook)]):
+        yield model
+
+
+def harvest_all(
+    model,
+    rows: Int[torch.Tensor, "rows pos"],
+    sites: Sequence[Site],
+    *,
+    model_batch_rows: int = 32,
+    with_grad: bool = False,
+    drop_bos: bool = True,
+) -> dict[Site, SiteBatch]:
+    """Every kept token's activation (and gradient) at every site, as CPU tensors [tokens, d_in]."""
+    acts: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
+    grads: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
+    for start in range(0, rows.shape[0], model_batch_rows):
+        h = harvest(model, rows[start : start + model_batch_rows], sites, with_grad, drop_bos)
+        keep = h.mask.reshape(-1).cpu()
+        for s in sites:
+            acts[s].append(h.acts[s].reshape(-1, h.acts[s].shape[-1]).cpu()[keep])
+            if with_grad:
+                grads[s].append(h.grads[s].reshape(-1, h.grads[s].shape[-1]).cpu()[keep])
+    return {s: SiteBatch(torch.cat(acts[s]), torch.cat(grads[s]) if with_grad else None) for s in sites}
+
+
+def epoch_batches(
+    data: dict[Site, SiteBatch], batch_size: int, seed: int = 0, device: str | torch.device = "cpu"
+) -> Iterator[dict[Site, SiteBatch]]:
+    """Endless shuffled batches over activations held in memory (a fresh permutation every epoch)."""
+    n = next(iter(data.values())).acts.shape[0]
+    if n < batch_size:
+        raise ValueError(f"only {n} activation vectors, fewer than one batch of {batch_size}; use more text")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for b in range(n // batch_size):
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            yield {
+                s: SiteBatch(d.acts[idx].to(device), d.grads[idx].to(device) if d.grads is not None else None)
+                for s, d in data.items()
+            }

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+from sae_lens_attn.activations import NonFiniteActivationError, SiteBatch
+from sae_lens_attn.sae import SAE, SAEConfig
+from sae_lens_attn.sites import Site
+from sae_lens_attn.training.trainer import OptimConfig, Trainer, latest_checkpoint, lr_factor
+
+
+def planted_batches(dictionary: torch.Tensor, n_active: int, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    n, d = dictionary.shape
+    while True:
+        idx = torch.rand(batch, n, generator=g).topk(n_active, dim=-1).indices
+        mags = torch.rand(batch, n_active, generator=g) + 0.5
+        x = torch.einsum("bk,bkd->bd", mags, dictionary[idx]) + 0.01 * torch.randn(batch, d, generator=g)
+        yield {Site(0): SiteBatch(x, None)}
+
+
+def make(d_in, d_sae, k, seed=0):
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k), init=False)
+    sae.reset_parameters(torch.Generator().manual_seed(seed))
+    return sae
+
+
+def test_planted_dictionary_is_recovered():
+    g = torch.Generator().manual_seed(1)
+    true = torch.randn(48, 32, generator=g)
+    true /= true.norm(dim=1, keepdim=True)
+    sae = make(32, 96, 3)
+    trainer = Trainer({Site(0): sae}, OptimConfig(lr=4e-3, steps=1500, warmup_steps=20, dead_tokens=20_000))
+    trainer.fit(planted_batches(true, 3, 512, seed=2))
+    cos = (true @ sae.W_dec.detach().T).max(dim=1).values
+    recovered = (cos >= 0.9).float().mean().item()
+    assert recovered >= 0.9, f"only {recovered:.0%} of planted directions recovered (cos >= 0.9)"
+
+
+def test_dead_latents_are_tracked_and_auxk_revives_them():
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(16, 8, generator=g)
+    sae = make(8, 64, 2)
+    cfg = OptimConfig(lr=1e-3, steps=60, warmup_steps=0, dead_tokens=1024, auxk_alpha=0.0)
+    tr = Trainer({Site(0): sae}, cfg)
+    stats = tr.fit(planted_batches(true, 2, 256, 0))
+    assert stats[Site(0)].dead_fraction > 0  # with no AuxK, latents die
+    assert stats[Site(0)].auxk == 0.0
+    sae2 = make(8, 64, 2)
+    tr2 = Trainer({Site(0): sae2}, OptimConfig(lr=1e-3, steps=60, warmup_steps=0, dead_tokens=1024, auxk_alpha=1 / 32))
+    stats2 = tr2.fit(planted_batches(true, 2, 256, 0))
+    assert stats2[Site(0)].auxk > 0
+
+
+def test_lr_schedule():
+    cfg = OptimConfig(steps=100, warmup_steps=10, decay_fraction=0.2)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(50, cfg) == 1.0
+    assert lr_factor(90, cfg) == pytest.approx(0.5)
+    assert lr_factor(99, cfg) == pytest.approx(0.05)
+
+
+def test_checkpoints_are_complete_and_restorable(tmp_path):
+    true = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    cfg = OptimConfig(lr=1e-3, steps=20, warmup_steps=0, checkpoint_every=10, log_every=5)
+    tr = Trainer({Site(0): make(8, 32, 2)}, cfg, tmp_path)
+    tr.fit(planted_batches(true, 2, 64, 0))
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "step_00000020"
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [5, 10, 15, 20] and all(r["site"] == "L0.z" for r in logs)
+    tr2 = Trainer({Site(0): make(8, 32, 2, seed=5)}, cfg)
+    tr2.restore(ckpt)
+    assert tr2.step_idx == 20
+    assert torch.equal(tr2.states[Site(0)].sae.W_dec, tr.states[Site(0)].sae.W_dec)
+    assert torch.equal(tr2.states[Site(0)].tokens_since_fired, tr.states[Site(0)].tokens_since_fired)
+
+
+def test_nan_batch_stops_with_message_naming_last_checkpoint(tmp_path):
+    true = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    good = planted_batches(true, 2, 64, 0)
+
+    def stream():
+        for i, b in enumerate(good):
+            if i == 12:
+                yield {Site(0): SiteBatch(torch.full((64, 8), float("nan")), None)}
+            yield b
+
+    cfg = OptimConfig(lr=1e-3, steps=30, warmup_steps=0, checkpoint_every=10)
+    tr = Trainer({Site(0): make(8, 32, 2)}, cfg, tmp_path)
+    with pytest.raises(NonFiniteActivationError, match="step_00000010"):
+        tr.fit(stream())
+    assert latest_checkpoint(tmp_path).name == "step_00000010"

@@ -1,0 +1,7 @@
+"""Training: the config, the trainer, the main job and the command line."""
+
+from .config import TrainConfig
+from .run import TrainResult, train
+from .trainer import OptimConfig, Trainer
+
+__all__ = ["OptimConfig", "TrainConfig", "TrainResult", "Trainer", "train"]

@@ -1,0 +1,95 @@
+"""``sae-lens-attn``: the command line. ``train`` flags are generated from ``TrainConfig``'s fields."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+
+from .config import TrainConfig, field_docs
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("", "none") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        hint = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        kw: dict = {"dest": f.name, "default": default, "help": f"{docs.get(f.name, '')} (default: {default})"}
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if origin is typing.Literal:
+            kw["choices"] = list(args)
+        elif hint is bool:
+            kw["type"] = _bool
+            kw["metavar"] = "BOOL"
+        elif origin in (typing.Union, types.UnionType):
+            inner = next(a for a in args if a is not type(None))
+            kw["type"] = _optional(inner)
+        else:
+            kw["type"] = hint
+        parser.add_argument(flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-attn",
+        description="Sparse autoencoders on attention-layer outputs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train SAEs on attention outputs (defaults: TopK on layer 1 hook_z of the embedded model)",
+        description="Train one SAE per layer's site from a shared model pass, evaluate it, and save it in "
+        "SAELens' format. With no flags: TopK, k=16, on hook_z of layer 1 of the embedded default model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+        try:
+            cfg = TrainConfig(**values)
+        except ValueError as err:
+            parser.error(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err)))
+        from .run import train
+
+        try:
+            result = train(cfg)
+        except (ValueError, FileNotFoundError, OSError, FloatingPointError) as err:
+            print(f"sae-lens-attn: error: {err}", file=sys.stderr)
+            return 2
+        print()
+        print(result.table())
+        print(f"\nSAEs saved under {result.out_dir.resolve()}")
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
