@@ -1,1 +1,97 @@
-"""Analysis of attention-output SAEs: head attribution, DFA, induction features, circuits, dashboards."""
+"""Analysis of attention-output SAEs (Kissane et al. 2024, "Interpreting Attention Layer Outputs with Sparse
+Autoencoders"): which heads write a feature, from which source tokens, on which texts it fires, what it does to
+the logits, which features each head computes, which are induction features, which matter for a circuit.
+
+Modules: :mod:`.heads` (weight-based head attribution, head survey), :mod:`.dfa` (direct feature attribution by
+head and source position), :mod:`.rdfa` (recursive DFA), :mod:`.features` (streamed feature statistics, logit
+effects), :mod:`.induction` (induction heads and features, prefix-length study), :mod:`.circuits` (IOI,
+splicing with the error term, ablation, noising, attribution), :mod:`.dashboard` (HTML pages).
+"""
+
+from .circuits import (
+    IOIDataset,
+    ablate_features,
+    attribute_features,
+    corrupt_ioi,
+    feature_means,
+    logit_diff,
+    make_ioi,
+    patch_features,
+    run_spliced,
+    sae_spliced,
+    single_token_names,
+    top_features,
+)
+from .dashboard import DashboardConfig, feature_page, write_dashboards
+from .dfa import DFAResult, SourceDFA, dfa, dfa_by_source, head_fractions
+from .features import (
+    Example,
+    FeatureStats,
+    LogitEffects,
+    StatsConfig,
+    feature_stats,
+    format_example,
+    logit_effects,
+    logit_weights,
+)
+from .heads import HeadReport, format_head_report, head_report, head_shares
+from .induction import (
+    classify_prefix_heads,
+    feature_induction_scores,
+    head_induction_scores,
+    induction_attribution,
+    induction_feature_report,
+    induction_features,
+    prefix_length_study,
+    repeated_tokens,
+)
+from .rdfa import RDFAStep, rdfa, rdfa_upstream_features, rdfa_upstream_heads, residual_components, top_terms
+
+__all__ = [
+    "DFAResult",
+    "DashboardConfig",
+    "Example",
+    "FeatureStats",
+    "HeadReport",
+    "IOIDataset",
+    "LogitEffects",
+    "RDFAStep",
+    "SourceDFA",
+    "StatsConfig",
+    "ablate_features",
+    "attribute_features",
+    "classify_prefix_heads",
+    "corrupt_ioi",
+    "dfa",
+    "dfa_by_source",
+    "feature_induction_scores",
+    "feature_means",
+    "feature_page",
+    "feature_stats",
+    "format_example",
+    "format_head_report",
+    "head_fractions",
+    "head_induction_scores",
+    "head_report",
+    "head_shares",
+    "induction_attribution",
+    "induction_feature_report",
+    "induction_features",
+    "logit_diff",
+    "logit_effects",
+    "logit_weights",
+    "make_ioi",
+    "patch_features",
+    "prefix_length_study",
+    "rdfa",
+    "rdfa_upstream_features",
+    "rdfa_upstream_heads",
+    "repeated_tokens",
+    "residual_components",
+    "run_spliced",
+    "sae_spliced",
+    "single_token_names",
+    "top_features",
+    "top_terms",
+    "write_dashboards",
+]

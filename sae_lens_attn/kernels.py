@@ -1,17 +1,26 @@
-"""Sparse decode for TopK SAEs: only the k chosen decoder rows are read.
+"""Sparse TopK encode/decode: after one dense GEMM, only the k chosen latents are touched.
 
-``sparse_decode`` is the pure-PyTorch reference every faster path is checked against. The default path
-uses ``torch.nn.functional.embedding_bag`` (a fused gather-scale-sum whose backward reaches only the
-chosen rows of W_dec); set ``SAE_LENS_ATTN_KERNELS=reference`` to force the plain reference.
+The TopK step needs the full pre-activation matrix only to *choose* latents. So the fast path runs that
+GEMM once outside autograd (optionally in bf16), picks the k latents, and recomputes the chosen
+pre-activations exactly, in the parameters' dtype, from the gathered encoder columns. Backward then
+reaches W_enc, b_enc and W_dec only through the chosen latents: no dense [batch, d_sae] gradient and no
+second and third GEMM. Decoding gathers the k chosen decoder rows (``embedding_bag``).
+
+Every function has a pure-PyTorch reference twin used by the equivalence tests; set
+``SAE_LENS_ATTN_KERNELS=reference`` to run the reference (dense autograd) path everywhere.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 def kernels_enabled() -> bool:
@@ -19,13 +28,14 @@ def kernels_enabled() -> bool:
     return os.environ.get("SAE_LENS_ATTN_KERNELS", "auto").lower() not in ("reference", "off", "0", "false")
 
 
+# --- decode -------------------------------------------------------------------------------------------
 def sparse_decode_reference(
     values: Float[torch.Tensor, "batch k"],
     indices: Int[torch.Tensor, "batch k"],
     W_dec: Float[torch.Tensor, "d_sae d_in"],
 ) -> Float[torch.Tensor, "batch d_in"]:
     """sum_j values[b, j] * W_dec[indices[b, j]]: the definition, written plainly."""
-    return torch.einsum("bk,bkd->bd", values, W_dec[indices])
+    return torch.einsum("bk,bkd->bd", values.to(W_dec.dtype), W_dec[indices])
 
 
 def sparse_decode(
@@ -36,6 +46,95 @@ def sparse_decode(
     """Decode k active latents per row without forming the dense [batch, d_sae] code."""
     if not kernels_enabled():
         return sparse_decode_reference(values, indices, W_dec)
-    if values.dtype != W_dec.dtype:
-        values = values.to(W_dec.dtype)
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+# --- encode -------------------------------------------------------------------------------------------
+def dense_pre(
+    x_centered: Float[torch.Tensor, "batch d_in"],
+    W_enc: Float[torch.Tensor, "d_in d_sae"],
+    b_enc: Float[torch.Tensor, " d_sae"],
+    bf16: bool = False,
+) -> Float[torch.Tensor, "batch d_sae"]:
+    """All pre-activations, for choosing latents: one GEMM, no autograd graph (bf16 autocast if asked)."""
+    with torch.no_grad():
+        ctx = torch.autocast(x_centered.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        with ctx:
+            pre = torch.addmm(b_enc, x_centered, W_enc) if not bf16 else x_centered @ W_enc + b_enc
+        return pre.to(W_enc.dtype)
+
+
+def gather_pre(
+    x_centered: Float[torch.Tensor, "batch d_in"],
+    indices: Int[torch.Tensor, "batch k"],
+    W_enc: Float[torch.Tensor, "d_in d_sae"],
+    b_enc: Float[torch.Tensor, " d_sae"],
+) -> Float[torch.Tensor, "batch k"]:
+    """pre[b, j] = x_centered[b] . W_enc[:, indices[b, j]] + b_enc[indices[b, j]], recomputed from the k
+    gathered encoder columns (differentiable through plain autograd)."""
+    cols = F.embedding(indices, W_enc.T)  # [batch, k, d_in]; rows of W_enc.T are contiguous (see SAE)
+    return torch.einsum("bd,bkd->bk", x_centered, cols) + b_enc[indices]
+
+
+class _SelectedPre(torch.autograd.Function):
+    """Values already computed by the selection GEMM, given a sparse backward.
+
+    d pre[b, j] reaches W_enc[:, i_bj], b_enc[i_bj] and x[b] only: an index-add of k columns per row
+    instead of the dense [batch, d_sae] gradient and two more GEMMs that autograd through ``topk`` costs.
+    """
+
+    @staticmethod
+    def forward(ctx, x_centered, W_enc, b_enc, indices, values):
+        ctx.save_for_backward(x_centered, W_enc, indices)
+        ctx.b_shape = b_enc.shape
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_centered, W_enc, indices = ctx.saved_tensors
+        flat_idx = indices.reshape(-1)
+        gx = gW = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = F.embedding_bag(indices, W_enc.T, per_sample_weights=grad.to(W_enc.dtype), mode="sum")
+        if ctx.needs_input_grad[1]:
+            gW = latent_outer_sum(indices, grad, x_centered, W_enc.shape[1]).to(W_enc.dtype).T
+        if ctx.needs_input_grad[2]:
+            gb = torch.zeros(ctx.b_shape, dtype=grad.dtype, device=grad.device).index_add_(0, flat_idx, grad.reshape(-1))
+        return gx, gW, gb, None, None
+
+
+def latent_outer_sum(
+    indices: Int[torch.Tensor, "batch k"],
+    weights: Float[torch.Tensor, "batch k"],
+    x: Float[torch.Tensor, "batch d"],
+    n_latents: int,
+) -> Float[torch.Tensor, "n_latents d"]:
+    """out[i] = sum over (b, j) with indices[b, j] == i of weights[b, j] * x[b]: G^T @ x for the sparse
+    [batch, n_latents] matrix G, as a CSR product (rows sorted by latent) instead of materialising the
+    [batch*k, d] outer products."""
+    flat = indices.reshape(-1)
+    order = flat.argsort()
+    counts = torch.bincount(flat, minlength=n_latents)
+    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=x.device)
+    crow[1:] = counts.cumsum(0)
+    col = torch.arange(indices.shape[0], device=x.device).repeat_interleave(indices.shape[1])[order]
+    G = torch.sparse_csr_tensor(crow, col, weights.reshape(-1)[order].to(x.dtype), (n_latents, x.shape[0]),
+                                check_invariants=False)
+    return G @ x
+
+
+def latent_outer_sum_reference(indices, weights, x, n_latents):
+    """The definition of :func:`latent_outer_sum`, with the outer products materialised."""
+    rows = (weights.unsqueeze(-1) * x.unsqueeze(1)).reshape(-1, x.shape[-1])
+    return torch.zeros(n_latents, x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, indices.reshape(-1), rows)
+
+
+def selected_pre(
+    x_centered: Float[torch.Tensor, "batch d_in"],
+    indices: Int[torch.Tensor, "batch k"],
+    W_enc: Float[torch.Tensor, "d_in d_sae"],
+    b_enc: Float[torch.Tensor, " d_sae"],
+    pre: Float[torch.Tensor, "batch d_sae"],
+) -> Float[torch.Tensor, "batch k"]:
+    """The chosen pre-activations, taken from the exact (fp32) selection GEMM, with a sparse backward."""
+    return _SelectedPre.apply(x_centered, W_enc, b_enc, indices, pre.gather(-1, indices))

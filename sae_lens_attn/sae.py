@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -22,7 +21,8 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from . import __version__
-from .kernels import sparse_decode
+from .files import atomic_write
+from .kernels import dense_pre, gather_pre, kernels_enabled, selected_pre, sparse_decode
 
 Selection = Literal["topk", "gsae"]
 CFG_FILENAME = "cfg.json"
@@ -142,7 +142,7 @@ class EncodeOutput(NamedTuple):
     indices: Int[torch.Tensor, "batch k"]
     """Latent ids of the kept activations."""
     pre: Float[torch.Tensor, "batch d_sae"]
-    """All pre-activations."""
+    """All pre-activations (outside autograd on the sparse path; use ``SAE.pre_at`` for gradients)."""
     selection: str
     """``topk``, ``gsae``, or ``topk (gsae without gradient)`` when a g-SAE had no gradient to use."""
 
@@ -160,7 +160,9 @@ class SAE(nn.Module):
         self.cfg = cfg
         dtype = getattr(torch, cfg.dtype)
         kw = {"device": cfg.device, "dtype": dtype}
-        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, **kw))
+        # W_enc is [d_in, d_sae] as in SAELens, but laid out column-major (a transposed [d_sae, d_in] buffer):
+        # the sparse step reads and writes whole encoder columns, which are then contiguous.
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw).T)
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
@@ -178,36 +180,72 @@ class SAE(nn.Module):
             self.b_dec.zero_()
 
     # --- encoding -------------------------------------------------------------------------------------
-    def encode_pre(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
+    #: Run the selection GEMM under bf16 autocast (kept values are still recomputed in the weights' dtype).
+    bf16_select: bool = False
+
+    def center(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(f"input width {x.shape[-1]} does not match the SAE's d_in={self.cfg.d_in}")
         x = x.to(self.W_enc.dtype)
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def encode_pre(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
+        """All pre-activations ``(x - b_dec) @ W_enc + b_enc``, differentiable (dense)."""
+        return self.center(x) @ self.W_enc + self.b_enc
+
+    def pre_at(
+        self, x: Float[torch.Tensor, "batch d_in"], indices: Int[torch.Tensor, "batch k"], pre: torch.Tensor | None = None
+    ) -> Float[torch.Tensor, "batch k"]:
+        """Differentiable pre-activations of the given latents only. ``pre``: the exact dense pre-activations
+        if already computed (their values are reused; the backward is sparse either way)."""
+        xc = self.center(x)
+        if not kernels_enabled():
+            return (xc @ self.W_enc + self.b_enc).gather(-1, indices)
+        if pre is None or self.bf16_select:
+            return gather_pre(xc, indices, self.W_enc, self.b_enc)
+        return selected_pre(xc, indices, self.W_enc, self.b_enc, pre)
 
     def gsae_scores(
         self, pre: Float[torch.Tensor, "batch d_sae"], grad: Float[torch.Tensor, "batch d_in"]
     ) -> Float[torch.Tensor, "batch d_sae"]:
         """``z_i * (1 + beta * |W_dec[i] . g|)`` with z = ReLU(pre): each latent's activation weighted by its
-        first-order effect on the loss (Olmo et al. 2024, "Features that Make a Difference", eq. for the
-        g-TopK rule). The gradient is treated as data (detached), so selection itself is not differentiated.
+        first-order effect on the loss (Olmo et al. 2024, "Features that Make a Difference", the g-TopK
+        rule). The gradient is data (detached), so selection itself is not differentiated.
+
+        Where the paper is silent: latents with pre <= 0 (z = 0) all score 0 there; we keep their raw
+        pre-activation as the score, so ties among them break exactly as in TopK and beta = 0 reproduces
+        TopK's choice latent for latent (their kept value is 0 either way).
         """
         effect = (grad.detach().to(self.W_dec.dtype) @ self.W_dec.detach().T).abs()
-        return pre.relu() * (1.0 + self.cfg.gsae_beta * effect)
+        pre = pre.detach()
+        return torch.where(pre > 0, pre * (1.0 + self.cfg.gsae_beta * effect), pre)
 
     def encode(self, x: Float[torch.Tensor, "batch d_in"], grad: torch.Tensor | None = None) -> EncodeOutput:
         """Choose k latents per row. A g-SAE uses ``grad`` (dL/dx at the site); without one it falls back to
-        TopK and says so in ``selection``."""
-        pre = self.encode_pre(x)
+        TopK and says so in ``selection``.
+
+        Sparse path (default): the selection GEMM runs outside autograd and the kept values are recomputed
+        from the k chosen encoder columns, so gradients touch only those. Reference path
+        (``SAE_LENS_ATTN_KERNELS=reference``): dense autograd through the full pre-activation matrix.
+        """
+        xc = self.center(x)
+        if kernels_enabled():
+            pre = dense_pre(xc, self.W_enc, self.b_enc, bf16=self.bf16_select)
+        else:
+            pre = xc @ self.W_enc + self.b_enc
         k = self.cfg.k
         if self.cfg.selection == "gsae" and grad is not None:
             _, indices = self.gsae_scores(pre, grad).topk(k, dim=-1, sorted=False)
             rule = "gsae"
         else:
-            _, indices = pre.topk(k, dim=-1, sorted=False)
+            _, indices = pre.detach().topk(k, dim=-1, sorted=False)
             rule = "topk" if self.cfg.selection == "topk" else "topk (gsae without gradient)"
-        values = pre.gather(-1, indices).relu()
+        if not kernels_enabled():
+            values = pre.gather(-1, indices).relu()
+        elif self.bf16_select:  # bf16 chose the latents; their values are recomputed in full precision
+            values = gather_pre(xc, indices, self.W_enc, self.b_enc).relu()
+        else:
+            values = selected_pre(xc, indices, self.W_enc, self.b_enc, pre).relu()
         return EncodeOutput(values, indices, pre, rule)
 
     def encode_dense(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
@@ -270,12 +308,12 @@ class SAE(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters()}
-        _atomic(path / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
+        atomic_write(path / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
         if log_sparsity is not None:
             sp = {"sparsity": log_sparsity.detach().float().contiguous().cpu()}
-            _atomic(path / SPARSITY_FILENAME, lambda tmp: save_file(sp, tmp))
+            atomic_write(path / SPARSITY_FILENAME, lambda tmp: save_file(sp, tmp))
         text = json.dumps(self.cfg.to_saelens_dict(), indent=2)
-        _atomic(path / CFG_FILENAME, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(path / CFG_FILENAME, lambda tmp: Path(tmp).write_text(text))
         return path
 
     @classmethod
@@ -333,18 +371,3 @@ def _read_safetensors(f: Path) -> dict[str, torch.Tensor]:
         return load_file(str(f))
     except Exception as err:  # safetensors raises its own error type for truncated or corrupted files
         raise SAEFileError(f"{f}: unreadable safetensors file ({err}); it is truncated or corrupted") from err
-
-
-def _atomic(final: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-

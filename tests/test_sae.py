@@ -62,7 +62,8 @@ def test_parallel_gradient_removed_and_rows_renormalised():
     x = torch.randn(32, 16)
     sae(x).x_hat.pow(2).sum().backward()
     sae.remove_parallel_decoder_grad()
-    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(64), atol=1e-5, rtol=0)
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert (parallel.abs() <= 1e-5 * sae.W_dec.grad.norm(dim=1) + 1e-7).all()
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
     sae.normalize_decoder()

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_arguments(train)
+    from sae_lens_attn.analysis.cli import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 
@@ -88,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         print(result.table())
         print(f"\nSAEs saved under {result.out_dir.resolve()}")
         return 0
+    if args.command in ("analyze", "dashboard"):
+        from sae_lens_attn.analysis.cli import run
+
+        return run(args)
     return 1
 
 

@@ -122,9 +122,9 @@ class SiteState:
         n_dead = int(dead.sum())
         if n_dead and self.cfg.auxk_alpha > 0:
             k_aux = min(self.auxk_k, n_dead)
-            masked = out.code.pre.masked_fill(~dead, float("-inf"))
-            vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-            e_hat = sparse_decode(vals.relu(), idx, sae.W_dec)
+            masked = out.code.pre.detach().masked_fill(~dead, float("-inf"))
+            idx = masked.topk(k_aux, dim=-1, sorted=False).indices
+            e_hat = sparse_decode(sae.pre_at(x, idx, out.code.pre).relu(), idx, sae.W_dec)
             e = err.detach()
             auxk = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
             loss = loss + self.cfg.auxk_alpha * auxk
@@ -146,7 +146,7 @@ class SiteState:
             ).double()
             self.tokens_seen += x.shape[0]
             l0 = float(active.sum()) / x.shape[0]
-        return StepStats(float(loss), float(fvu), float(auxk), l0, n_dead / sae.cfg.d_sae)
+        return StepStats(loss.item(), fvu.item(), auxk.item(), l0, n_dead / sae.cfg.d_sae)
 
     def log_sparsity(self) -> torch.Tensor:
         freq = self.fire_counts / max(1, self.tokens_seen)
