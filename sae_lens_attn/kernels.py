@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -55,25 +54,38 @@ def dense_pre(
     W_enc: Float[torch.Tensor, "d_in d_sae"],
     b_enc: Float[torch.Tensor, " d_sae"],
     bf16: bool = False,
+    out: torch.Tensor | None = None,
 ) -> Float[torch.Tensor, "batch d_sae"]:
-    """All pre-activations, for choosing latents: one GEMM, no autograd graph (bf16 autocast if asked)."""
+    """All pre-activations, for choosing latents: one GEMM, no autograd graph.
+
+    ``out``: a reusable [batch, d_sae] buffer (a fresh 400 MB output every step costs page faults on the
+    CPU). ``bf16``: the GEMM runs in bf16 with a bf16 bias (an fp32 bias would promote the output).
+    """
     with torch.no_grad():
-        ctx = torch.autocast(x_centered.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        with ctx:
-            pre = torch.addmm(b_enc, x_centered, W_enc) if not bf16 else x_centered @ W_enc + b_enc
-        return pre.to(W_enc.dtype)
+        if bf16:
+            return torch.addmm(b_enc.to(torch.bfloat16), x_centered.to(torch.bfloat16), W_enc.to(torch.bfloat16))
+        if out is not None and out.shape == (x_centered.shape[0], W_enc.shape[1]) and out.dtype == W_enc.dtype:
+            return torch.addmm(b_enc, x_centered, W_enc, out=out)
+        return torch.addmm(b_enc, x_centered, W_enc)
 
 
-def gather_pre(
+@torch.no_grad()
+def exact_pre_at(
     x_centered: Float[torch.Tensor, "batch d_in"],
     indices: Int[torch.Tensor, "batch k"],
     W_enc: Float[torch.Tensor, "d_in d_sae"],
     b_enc: Float[torch.Tensor, " d_sae"],
+    chunk: int = 512,
 ) -> Float[torch.Tensor, "batch k"]:
-    """pre[b, j] = x_centered[b] . W_enc[:, indices[b, j]] + b_enc[indices[b, j]], recomputed from the k
-    gathered encoder columns (differentiable through plain autograd)."""
-    cols = F.embedding(indices, W_enc.T)  # [batch, k, d_in]; rows of W_enc.T are contiguous (see SAE)
-    return torch.einsum("bd,bkd->bk", x_centered, cols) + b_enc[indices]
+    """The chosen pre-activations in the weights' dtype, from gathered encoder columns, in row chunks (so the
+    [chunk, k, d_in] gather stays small); no autograd graph."""
+    out = torch.empty(indices.shape, dtype=W_enc.dtype, device=indices.device)
+    Wt = W_enc.T
+    for start in range(0, indices.shape[0], chunk):
+        idx = indices[start : start + chunk]
+        cols = F.embedding(idx, Wt)
+        out[start : start + chunk] = torch.einsum("bd,bkd->bk", x_centered[start : start + chunk], cols) + b_enc[idx]
+    return out
 
 
 class _SelectedPre(torch.autograd.Function):
@@ -112,6 +124,8 @@ def latent_outer_sum(
     """out[i] = sum over (b, j) with indices[b, j] == i of weights[b, j] * x[b]: G^T @ x for the sparse
     [batch, n_latents] matrix G, as a CSR product (rows sorted by latent) instead of materialising the
     [batch*k, d] outer products."""
+    if x.dtype not in (torch.float32, torch.float64) and x.device.type == "cpu":
+        return latent_outer_sum_reference(indices, weights.to(x.dtype), x, n_latents)  # no bf16 CSR on CPU (MKL)
     flat = indices.reshape(-1)
     order = flat.argsort()
     counts = torch.bincount(flat, minlength=n_latents)
@@ -134,7 +148,9 @@ def selected_pre(
     indices: Int[torch.Tensor, "batch k"],
     W_enc: Float[torch.Tensor, "d_in d_sae"],
     b_enc: Float[torch.Tensor, " d_sae"],
-    pre: Float[torch.Tensor, "batch d_sae"],
+    pre: Float[torch.Tensor, "batch d_sae"] | None,
 ) -> Float[torch.Tensor, "batch k"]:
-    """The chosen pre-activations, taken from the exact (fp32) selection GEMM, with a sparse backward."""
-    return _SelectedPre.apply(x_centered, W_enc, b_enc, indices, pre.gather(-1, indices))
+    """The chosen pre-activations with a sparse backward. Values come from ``pre`` (the exact selection GEMM)
+    or, when ``pre`` is None (a bf16 selection), are recomputed exactly by :func:`exact_pre_at`."""
+    values = exact_pre_at(x_centered, indices, W_enc, b_enc) if pre is None else pre.gather(-1, indices)
+    return _SelectedPre.apply(x_centered, W_enc, b_enc, indices, values)

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import __version__
 from .files import atomic_write
-from .kernels import dense_pre, gather_pre, kernels_enabled, selected_pre, sparse_decode
+from .kernels import dense_pre, kernels_enabled, selected_pre, sparse_decode
 
 Selection = Literal["topk", "gsae"]
 CFG_FILENAME = "cfg.json"
@@ -183,6 +183,21 @@ class SAE(nn.Module):
     #: Run the selection GEMM under bf16 autocast (kept values are still recomputed in the weights' dtype).
     bf16_select: bool = False
 
+    #: Trainers set this: ``encode`` then writes ``pre`` into one reused [batch, d_sae] buffer, so a returned
+    #: ``EncodeOutput.pre`` is only valid until the next ``encode`` call (a fresh 400 MB tensor every step
+    #: costs page faults on the CPU).
+    reuse_pre_buffer: bool = False
+
+    def _pre_buffer(self, xc: torch.Tensor) -> torch.Tensor | None:
+        if not self.reuse_pre_buffer:
+            return None
+        shape = (xc.shape[0], self.cfg.d_sae)
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.shape != shape or buf.device != xc.device or buf.dtype != self.W_enc.dtype:
+            buf = torch.empty(shape, dtype=self.W_enc.dtype, device=xc.device)
+            self._buf = buf
+        return buf
+
     def center(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(f"input width {x.shape[-1]} does not match the SAE's d_in={self.cfg.d_in}")
@@ -201,9 +216,7 @@ class SAE(nn.Module):
         xc = self.center(x)
         if not kernels_enabled():
             return (xc @ self.W_enc + self.b_enc).gather(-1, indices)
-        if pre is None or self.bf16_select:
-            return gather_pre(xc, indices, self.W_enc, self.b_enc)
-        return selected_pre(xc, indices, self.W_enc, self.b_enc, pre)
+        return selected_pre(xc, indices, self.W_enc, self.b_enc, None if self.bf16_select else pre)
 
     def gsae_scores(
         self, pre: Float[torch.Tensor, "batch d_sae"], grad: Float[torch.Tensor, "batch d_in"]
@@ -230,7 +243,7 @@ class SAE(nn.Module):
         """
         xc = self.center(x)
         if kernels_enabled():
-            pre = dense_pre(xc, self.W_enc, self.b_enc, bf16=self.bf16_select)
+            pre = dense_pre(xc, self.W_enc, self.b_enc, bf16=self.bf16_select, out=self._pre_buffer(xc))
         else:
             pre = xc @ self.W_enc + self.b_enc
         k = self.cfg.k
@@ -242,10 +255,8 @@ class SAE(nn.Module):
             rule = "topk" if self.cfg.selection == "topk" else "topk (gsae without gradient)"
         if not kernels_enabled():
             values = pre.gather(-1, indices).relu()
-        elif self.bf16_select:  # bf16 chose the latents; their values are recomputed in full precision
-            values = gather_pre(xc, indices, self.W_enc, self.b_enc).relu()
-        else:
-            values = selected_pre(xc, indices, self.W_enc, self.b_enc, pre).relu()
+        else:  # after a bf16 selection the kept values are recomputed in the weights' dtype
+            values = selected_pre(xc, indices, self.W_enc, self.b_enc, None if self.bf16_select else pre).relu()
         return EncodeOutput(values, indices, pre, rule)
 
     def encode_dense(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:

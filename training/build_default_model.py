@@ -82,12 +82,25 @@ class BuildConfig:
     already pays, so the copying (OV) half of the induction head gets a gradient before its attention
     is right, which shortens the plateau (measured in the small trials recorded in the model card)."""
     warmup_alternating_share: float = 0.2
-    """Warm-up share of rows made of alternating pairs (a b a b ...): predicting them needs exactly a
-    previous-token head in layer 0, which gives that head a gradient of its own instead of waiting for the
-    induction head to need it (the chicken-and-egg plateau of trials 3-5)."""
+    """Warm-up share of alternating rows ``a b a b ...`` during the first ``alternating_steps`` steps:
+    predicting x[t+1] = x[t-1] needs exactly a previous-token head in layer 0, which gives that head a
+    gradient of its own instead of waiting for the induction head to need it (the chicken-and-egg plateau
+    of trials 3-5). Kept on for the whole warm-up, layer 1 learned a *shifted* copy (attending two
+    positions after the earlier occurrence and copying the previous-token head's output), which the
+    standard induction score does not count; seeding the previous-token head for 150 steps only, or not at
+    all, left layer 1 on the plateau for 800+ steps. The default keeps them for the whole warm-up and lets
+    natural text reshape the circuit (see the model card's history)."""
+    alternating_steps: int = 1200
+    """Steps during which alternating rows are mixed in."""
+    permuted_chain: bool = False
+    """Alternating rows as skip-chains a, b, f(a), f(b), ... with f a random permutation (slower: no
+    previous-token head after 400 steps)."""
     warmup_exit_induction: float = 0.3
     """The warm-up ends early once the best layer-1 induction score (repeat length 30, warm-up tokens)
     reaches this; natural text and whole-vocabulary segments then generalise the circuit."""
+    warmup_exit_copy_loss: float = 1.5
+    """... or once the loss on the second copy of ``BOS, r, r`` (repeat length 30, warm-up tokens) is below
+    this (nats): the model copies, whatever the attention pattern."""
     steps: int = 3000
     """Total optimizer steps."""
     lr: float = 2e-3
@@ -100,6 +113,8 @@ class BuildConfig:
     """Seeds numpy, torch and the tokenizer's corpus order."""
     eval_every: int = 250
     """Steps between held-out / induction evaluations."""
+    stop_after: int | None = None
+    """Stop after this many steps (the learning-rate schedule still spans ``steps``)."""
 
 
 def read_plays(corpus: Path) -> tuple[list[str], list[str]]:
@@ -178,11 +193,13 @@ def repeated_row(rng: np.random.Generator, n_ctx: int, vocab: int, bos: int, ids
     return np.asarray(row[:n_ctx], dtype=np.int64)
 
 
-def alternating_row(rng: np.random.Generator, n_ctx: int, bos: int, ids: np.ndarray) -> np.ndarray:
+def alternating_row(rng: np.random.Generator, n_ctx: int, bos: int, ids: np.ndarray, fmap: np.ndarray) -> np.ndarray:
     row = [bos]
     while len(row) < n_ctx:
-        a, b = rng.choice(ids, size=2, replace=False)
-        row.extend([a, b] * int(rng.integers(2, 7)))
+        chain = list(rng.choice(ids, size=2, replace=False))
+        for _ in range(int(rng.integers(2, 12))):
+            chain.append(int(fmap[chain[-2]]))
+        row.extend(chain)
     return np.asarray(row[:n_ctx], dtype=np.int64)
 
 
@@ -199,14 +216,16 @@ def natural_row(rng: np.random.Generator, stream: np.ndarray, n_ctx: int, bos: i
     return row
 
 
-def make_batch(rng, cfg: BuildConfig, stream, in_warmup: bool, bos: int, warm_ids: np.ndarray) -> torch.Tensor:
+def make_batch(
+    rng, cfg: BuildConfig, stream, in_warmup: bool, bos: int, warm_ids: np.ndarray, fmap: np.ndarray, step: int
+) -> torch.Tensor:
     if in_warmup:
         n_rows = cfg.batch_rows * cfg.n_ctx // cfg.warmup_ctx
         rows = []
         for _ in range(n_rows):
             u = rng.random()
-            if u < cfg.warmup_alternating_share:
-                rows.append(alternating_row(rng, cfg.warmup_ctx, bos, warm_ids))
+            if step < cfg.alternating_steps and u < cfg.warmup_alternating_share:
+                rows.append(alternating_row(rng, cfg.warmup_ctx, bos, warm_ids, fmap))
             elif u < cfg.warmup_alternating_share + (1 - cfg.warmup_alternating_share) * cfg.repeat_share:
                 rows.append(repeated_row(rng, cfg.warmup_ctx, cfg.vocab_size, bos, warm_ids))
             else:
@@ -236,13 +255,15 @@ def head_scores(
         r = torch.as_tensor(ids)[r % len(ids)]
     toks = torch.cat([torch.full((n_seq, 1), bos), r, r], dim=1)
     out = model(toks, output_attentions=True)
+    nll = -out.logits[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
     second = torch.arange(length + 1, 2 * length + 1)
     ind, prev = [], []
     for att in out.attentions:  # [batch, head, query, key]
         ind.append(att[:, :, second, second - length + 1].mean(dim=(0, 2)).tolist())
         q = torch.arange(1, toks.shape[1])
         prev.append(att[:, :, q, q - 1].mean(dim=(0, 2)).tolist())
-    return {"induction": ind, "previous_token": prev}
+    return {"induction": ind, "previous_token": prev, "second_copy_loss": float(nll[:, length:].mean()),
+            "first_copy_loss": float(nll[:, :length].mean())}
 
 
 @torch.no_grad()
@@ -312,13 +333,16 @@ def build(cfg: BuildConfig) -> dict:
 
     history = []
     warm_ids = rng.permutation(np.arange(1, cfg.vocab_size))[: cfg.warmup_vocab]
+    fmap = np.arange(cfg.vocab_size)
+    if cfg.permuted_chain:
+        fmap[warm_ids] = warm_ids[rng.permutation(len(warm_ids))]
     warmup_end = cfg.warmup_steps
     model.train()
-    for step in range(cfg.steps):
+    for step in range(cfg.stop_after or cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         in_warmup = step < warmup_end
-        batch = make_batch(rng, cfg, stream, in_warmup, bos, warm_ids)
+        batch = make_batch(rng, cfg, stream, in_warmup, bos, warm_ids, fmap, step)
         loss = model(batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -327,9 +351,10 @@ def build(cfg: BuildConfig) -> dict:
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             model.eval()
             scores = head_scores(model, cfg.vocab_size, bos, 50)
-            if in_warmup:  # has the circuit formed on the warm-up's own tokens?
+            if in_warmup:  # has copying formed on the warm-up's own tokens?
                 short = head_scores(model, cfg.vocab_size, bos, 30, ids=warm_ids)
-                if max(short["induction"][-1]) >= cfg.warmup_exit_induction:
+                if (max(short["induction"][-1]) >= cfg.warmup_exit_induction
+                        or short["second_copy_loss"] < cfg.warmup_exit_copy_loss):
                     warmup_end = step + 1
             ce = held_out_ce(model, eval_rows)
             model.train()
@@ -348,25 +373,44 @@ def build(cfg: BuildConfig) -> dict:
             model.save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
 
-    model.eval()
-    final_ce = held_out_ce(model, held_rows)
-    per_length = {L: head_scores(model, cfg.vocab_size, bos, L) for L in EVAL_LENGTHS}
-    card = {
-        "build_command": "python -m sae_lens_attn.training.build_default_model --corpus ../shared/corpus/shakespeare",
-        "config": asdict(cfg) | {"corpus": "../shared/corpus/shakespeare"},
-        "held_out_plays": list(HELD_OUT_PLAYS),
-        "train_tokens_in_corpus": int(len(stream)),
-        "held_out_tokens": int(len(held_stream)),
-        "tokens_seen": cfg.steps * cfg.batch_rows * cfg.n_ctx,
-        "warmup_ended_at_step": warmup_end,
-        "wall_time_minutes": round((time.time() - t0) / 60, 1),
-        "held_out_ce": round(final_ce, 4),
-        "held_out_unigram_entropy": round(h_unigram, 4),
-        "head_scores_by_repeat_length": per_length,
-        "history": history,
-    }
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    return write_card(model, cfg, model_dir, history, warmup_end, (time.time() - t0) / 60)
+
+
+def write_card(model, cfg: BuildConfig, model_dir: Path, history: list[dict], warmup_end: int,
+               minutes: float) -> dict:
+    """Measure the model on the held-out plays and write ``model_card.json`` beside the weights."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    bos = tokenizer.bos_token_id
+    train_texts, held_texts = read_plays(Path(cfg.corpus))
+    held_stream = encode_stream(tokenizer, held_texts)
+    n_held = (len(held_stream) - 1) // (cfg.n_ctx - 1)
+    held_rows = torch.from_numpy(held_stream[: n_held * (cfg.n_ctx - 1)].reshape(n_held, cfg.n_ctx - 1))
+    held_rows = torch.cat([torch.full((n_held, 1), bos), held_rows], dim=1)
+    model.eval()
+    steps = history[-1]["step"] if history else 0
+    command = "python -m sae_lens_attn.training.build_default_model --corpus ../shared/corpus/shakespeare"
+    if cfg.stop_after:
+        command += f" --stop-after {cfg.stop_after}"
+    card = {
+        "build_command": command,
+        "config": asdict(cfg) | {"corpus": "../shared/corpus/shakespeare"},
+        "architecture": "GPT-NeoX (rotary on half of each head's dims, sequential residual, tied embeddings)",
+        "held_out_plays": list(HELD_OUT_PLAYS),
+        "train_tokens_in_corpus": int(len(encode_stream(tokenizer, train_texts))),
+        "held_out_tokens": int(len(held_stream)),
+        "steps_trained": steps,
+        "tokens_seen": steps * cfg.batch_rows * cfg.n_ctx,
+        "warmup_ended_at_step": warmup_end,
+        "wall_time_minutes": round(minutes, 1),
+        "held_out_ce": round(held_out_ce(model, held_rows), 4),
+        "held_out_unigram_entropy": round(unigram_entropy(held_stream[held_stream != bos], cfg.vocab_size), 4),
+        "head_scores_by_repeat_length": {L: head_scores(model, cfg.vocab_size, bos, L) for L in EVAL_LENGTHS},
+        "history": history,
+    }
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1))
     return card
 
@@ -378,6 +422,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=BuildConfig.steps)
     p.add_argument("--warmup-steps", type=int, default=BuildConfig.warmup_steps)
     p.add_argument("--warmup-ctx", type=int, default=BuildConfig.warmup_ctx)
+    p.add_argument("--alternating-steps", type=int, default=BuildConfig.alternating_steps)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--stop-after", type=int, default=None)
+    p.add_argument("--card-from-log", default=None,
+                   help="write the model card for the model already in OUT/default_model, with the history "
+                        "and wall time of this build log (a run stopped early), instead of training")
     p.add_argument("--d-model", type=int, default=BuildConfig.d_model)
     p.add_argument("--d-mlp", type=int, default=BuildConfig.d_mlp)
     p.add_argument("--lr", type=float, default=BuildConfig.lr)
@@ -385,11 +435,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=BuildConfig.seed)
     a = p.parse_args(argv)
     cfg = BuildConfig(
-        corpus=a.corpus, out=a.out, steps=a.steps, warmup_steps=a.warmup_steps, warmup_ctx=a.warmup_ctx, d_model=a.d_model,
+        corpus=a.corpus, out=a.out, steps=a.steps, warmup_steps=a.warmup_steps, warmup_ctx=a.warmup_ctx, alternating_steps=a.alternating_steps, stop_after=a.stop_after, d_model=a.d_model,
         d_mlp=a.d_mlp, lr=a.lr, eval_every=a.eval_every, seed=a.seed,
     )
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    card = build(cfg)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.card_from_log:
+        from transformers import GPTNeoXForCausalLM
+
+        history = [json.loads(line) for line in Path(a.card_from_log).read_text().splitlines() if line.startswith("{")]
+        model_dir = Path(cfg.out) / "default_model"
+        model = GPTNeoXForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+        warm = [h["step"] for h in history if not h.get("warmup", True)]
+        warmup_end = (warm[0] - cfg.eval_every) if warm else cfg.warmup_steps
+        cfg.stop_after = history[-1]["step"]
+        card = write_card(model, cfg, model_dir, history, warmup_end, history[-1]["minutes"])
+    else:
+        card = build(cfg)
     print(json.dumps({k: card[k] for k in ("tokens_seen", "wall_time_minutes", "held_out_ce",
                                           "held_out_unigram_entropy")}))
 
