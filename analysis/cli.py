@@ -68,14 +68,14 @@ def _load(args):
     import torch
 
     from sae_lens_attn.data import token_rows
+    from sae_lens_attn.interop import load_sae
     from sae_lens_attn.models import SAMPLE_TEXT, bos_token_id, load_model, model_device
-    from sae_lens_attn.sae import SAE
 
     from ._common import sae_site
 
     if args.tokens <= 0:
         raise ValueError(f"--tokens must be positive, got {args.tokens}")
-    sae = SAE.load(args.sae, device="cpu")
+    sae = load_sae(args.sae, device="cpu")
     site = sae_site(sae)
     features = _parse_features(getattr(args, "features", None), sae.cfg.d_sae)
     model = load_model(args.model or sae.cfg.metadata.get("model_name"), device=args.device)

@@ -31,6 +31,19 @@ SPARSITY_FILENAME = "sparsity.safetensors"
 SUPPORTED_ARCHITECTURES = ("topk",)
 
 
+def version_tuple(v: str) -> tuple[int, ...]:
+    """``"0.10.2rc1"`` -> ``(0, 10, 2)``: enough to order release versions without ``packaging``."""
+    out = []
+    for piece in str(v).split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
 class SAEFileError(ValueError):
     """An SAE directory or file that cannot be read: the message names the file and what is wrong."""
 
@@ -79,6 +92,8 @@ class SAEConfig:
     def to_saelens_dict(self) -> dict[str, Any]:
         """cfg.json contents: SAELens v6 TopK fields, our rule kept in metadata."""
         meta = dict(self.metadata)
+        # SAELens treats a cfg.json without metadata.sae_lens_version as pre-v6 and drops the metadata.
+        meta.setdefault("sae_lens_version", "6.0.0")
         meta.update(selection=self.selection, gsae_beta=self.gsae_beta, sae_lens_attn_version=__version__)
         return {
             "architecture": "topk",
@@ -116,7 +131,12 @@ class SAEConfig:
                 meta[key] = d[key]
         selection = meta.pop("selection", "topk")
         beta = meta.pop("gsae_beta", 1.0)
-        meta.pop("sae_lens_attn_version", None)
+        theirs = meta.pop("sae_lens_attn_version", None)
+        if theirs is not None and version_tuple(str(theirs)) > version_tuple(__version__):
+            raise SAEFileError(
+                f"{source}: written by sae_lens_attn {theirs}, newer than this sae_lens_attn {__version__}; "
+                "upgrade sae_lens_attn to read it"
+            )
         try:
             return cls(
                 d_in=int(d["d_in"]),

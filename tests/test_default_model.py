@@ -41,6 +41,11 @@ def test_held_out_ce_measured_again_matches_card(default_model):
     assert ce <= CARD["held_out_unigram_entropy"] - 1.4
 
 
+def test_previous_token_head_in_layer_0(default_model):
+    _, prev_l0 = head_scores(default_model, 50)[0]
+    assert prev_l0.max() >= 0.5
+
+
 def head_scores(model, length, n_seq=16, seed=7):
     g = torch.Generator().manual_seed(seed)
     bos = bos_token_id(model)

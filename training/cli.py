@@ -71,26 +71,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_names(text: str) -> str:
+    """``TrainConfig.batch_size`` in a message -> ``--batch-size``, the spelling the user typed."""
+    return re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
+    """The ``train`` subcommand's TrainConfig; an invalid value exits through ``parser.error`` (status 2)
+    with a message naming the flag."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    try:
+        return TrainConfig(**values)
+    except ValueError as err:
+        parser.error(_flag_names(str(err)))
+    raise AssertionError("unreachable")  # parser.error exits
+
+
+def parse_train_config(argv: list[str]) -> TrainConfig:
+    """``sae-lens-attn train ARGV`` parsed into a TrainConfig, without training (argparse errors exit 2)."""
+    parser = build_parser()
+    return config_from_args(parser, parser.parse_args(["train", *argv]))
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    cfg = config_from_args(parser, args)
+    from .distributed import init_distributed
+    from .run import train
+
+    try:
+        dist = init_distributed(cfg.distributed, cfg.device)
+    except ValueError as err:
+        parser.error(_flag_names(str(err)))
+    prefix = "sae-lens-attn: error" + (f" (rank {dist.rank})" if dist.world_size > 1 else "")
+    try:
+        result = train(cfg, log=print if dist.is_main else (lambda *a, **k: None), dist=dist)
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as err:
+        print(f"{prefix}: {_flag_names(str(err))}", file=sys.stderr)
+        return 2
+    finally:
+        dist.close()
+    if dist.is_main:
+        print()
+        print(result.table())
+        print(f"\nSAEs saved under {result.out_dir.resolve()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
-        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-        try:
-            cfg = TrainConfig(**values)
-        except ValueError as err:
-            parser.error(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err)))
-        from .run import train
-
-        try:
-            result = train(cfg)
-        except (ValueError, FileNotFoundError, OSError, FloatingPointError) as err:
-            print(f"sae-lens-attn: error: {err}", file=sys.stderr)
-            return 2
-        print()
-        print(result.table())
-        print(f"\nSAEs saved under {result.out_dir.resolve()}")
-        return 0
+        return _train(parser, args)
     if args.command in ("analyze", "dashboard"):
         from sae_lens_attn.analysis.cli import run
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import re
+import types
+import typing
 from dataclasses import dataclass, fields
-from typing import Literal, get_args
+from typing import Literal
 
 SiteChoice = Literal["z", "attn_out"]
 SAEChoice = Literal["topk", "gsae"]
 DTypeChoice = Literal["float32", "bfloat16", "float16"]
+DistChoice = Literal["auto", "off", "dp", "sites"]
+
+_LAYERS_RE = re.compile(r"^\s*(all|\d+(\s*,\s*\d+)*)\s*$")
 
 
 @dataclass
@@ -62,6 +68,11 @@ class TrainConfig:
     """Rows held out from training data to evaluate on at the end."""
     drop_bos: bool = True
     """Leave BOS positions out of the training data (their activations are attention sinks)."""
+    activation_cache: str | None = None
+    """Directory of an on-disk activation cache: written on the first run (sharded safetensors + manifest),
+    read back (memory-mapped, shuffled) on later runs with the same model, sites and data, skipping the model."""
+    bf16_encoder: bool = False
+    """Choose latents with a bf16 encoder GEMM (the kept values are recomputed in fp32)."""
     device: str | None = None
     """'cpu', 'cuda', 'cuda:1', ...; empty picks CUDA when available."""
     dtype: DTypeChoice = "float32"
@@ -75,41 +86,114 @@ class TrainConfig:
     log_every: int = 10
     """Steps between JSONL log records."""
     progress: bool = True
-    """Show a live progress bar."""
+    """Show a live progress bar (rank 0 only under torchrun)."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in out_dir (weights, optimizer, schedule, RNG state, data
+    position, dead-latent counters); starts afresh when there is none. The other settings must match the
+    checkpointed run's (train_config.json)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) (and cuBLAS' fixed workspace on CUDA): bit-identical reruns
+    on the same hardware and software, at some speed cost on CUDA."""
+    distributed: DistChoice = "auto"
+    """Multi-process mode under torchrun: 'dp' (data parallel: each rank trains every SAE on its share of the
+    batch), 'sites' (each rank trains a subset of the layers' SAEs), 'off' (one process); 'auto' is dp when
+    WORLD_SIZE > 1, else off."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs the wandb package; WANDB_MODE=offline works without a
+    network). The JSONL log in out_dir is always written."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         positive = ("k", "expansion_factor", "tokens", "batch_size", "context_size", "model_batch_rows", "dead_tokens")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("d_sae", "auxk_k"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer or empty, got {value!r}")
         if self.d_sae is not None and self.k > self.d_sae:
             raise ValueError(f"TrainConfig.k ({self.k}) must not exceed d_sae ({self.d_sae})")
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
-        if not 0 <= self.decay_fraction <= 1:
+        if not (math.isfinite(self.decay_fraction) and 0 <= self.decay_fraction <= 1):
             raise ValueError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
-        if not (math.isfinite(self.gsae_beta) and self.gsae_beta >= 0):
-            raise ValueError(f"TrainConfig.gsae_beta must be >= 0, got {self.gsae_beta!r}")
-        if not (math.isfinite(self.auxk_alpha) and self.auxk_alpha >= 0):
-            raise ValueError(f"TrainConfig.auxk_alpha must be >= 0, got {self.auxk_alpha!r}")
-        for name, choices in (("site", SiteChoice), ("sae", SAEChoice), ("dtype", DTypeChoice)):
-            if getattr(self, name) not in get_args(choices):
-                raise ValueError(f"TrainConfig.{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}")
+        for name in ("gsae_beta", "auxk_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
         if self.head is not None and self.site != "z":
             raise ValueError("TrainConfig.head needs site 'z' (hook_attn_out has no head axis)")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.log_every <= 0 or self.eval_rows < 0:
-            raise ValueError("TrainConfig: warmup_steps, checkpoint_every and eval_rows must be >= 0, log_every > 0")
+        if self.head is not None and self.head < 0:
+            raise ValueError(f"TrainConfig.head must be >= 0, got {self.head!r}")
+        for name in ("warmup_steps", "checkpoint_every", "eval_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.log_every <= 0:
+            raise ValueError(f"TrainConfig.log_every must be a positive integer, got {self.log_every!r}")
         if self.context_size < 2:
             raise ValueError(f"TrainConfig.context_size must be at least 2, got {self.context_size}")
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"TrainConfig.seed must be in [0, 2**31), got {self.seed!r}")
+        if not _LAYERS_RE.match(self.layers):
+            raise ValueError(
+                f"TrainConfig.layers must be 'all' or comma-separated layer numbers such as '0,1', got {self.layers!r}"
+            )
+        for name in ("model", "dataset", "activation_cache", "wandb_project", "text_field", "out_dir"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"TrainConfig.{name} must not be blank (leave it empty/None instead), got {value!r}")
+        if self.device is not None:
+            try:
+                import torch
+
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(
+                    f"TrainConfig.device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {self.device!r}"
+                ) from None
 
     @property
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        inner = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + " or empty (None)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_types(cfg) -> None:
+    """Every field holds a value of its annotated type: the message names the field and what it takes."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ValueError(
+                f"{type(cfg).__name__}.{f.name} must be {_describe(hints[f.name])}, got {value!r}"
+            )
 
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:

@@ -1,26 +1,59 @@
-"""The main job: model -> token rows -> activations at every site -> one SAE per site -> evals -> disk."""
+"""The main job: model -> token rows -> activations at every site -> one SAE per site -> evals -> disk.
+
+Where the activation batches come from (``make_batches``), and how ``--resume`` finds its place in them:
+
+* **in memory** (the harvest fits in ``IN_MEMORY_BYTES``): every kept token is harvested once, then served in
+  a fresh permutation per epoch (the order of :func:`~sae_lens_attn.activations.epoch_batches`). Resuming
+  re-harvests (the activations are not saved) and then *skips* to the checkpoint's batch cheaply: only the
+  skipped epochs' permutations are drawn, no batch is built.
+* **activation cache** (``--activation-cache``): shards on disk, read back memory-mapped
+  (:meth:`CachedActivations.batches`). Resuming skips the consumed batches without the model (the batches
+  are views of the shuffled windows, never copied to the device while skipped).
+* **streaming** (too big for memory, no cache): :func:`activation_batches` harvests as it goes. Its
+  shuffle buffer depends on everything harvested before, so resuming *replays* the stream up to the
+  checkpoint's position, running the model again for the skipped batches (the SAE steps are not redone).
+  Use an activation cache when this matters.
+
+Several processes (``torchrun``; ``training/distributed.py``): in ``dp`` mode each rank takes every
+``world``-th token row (in memory / streaming) and a batch of ``batch_size / world`` vectors per step, or
+its slice of each global cache batch (so a cached run equals the single-process run batch for batch); in
+``sites`` mode each rank harvests and trains only its own sites, from the same stream as one process would.
+Only rank 0 writes files, logs and the progress bar.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import asdict, dataclass
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from sae_lens_attn.activations import activation_batches, check_sites, epoch_batches, harvest_all
+from sae_lens_attn.activations import SiteBatch, activation_batches, check_sites, harvest_all
+from sae_lens_attn.cache import CachedActivations, write_cache
 from sae_lens_attn.data import token_rows
 from sae_lens_attn.evals import SAEMetrics, evaluate_sae, format_metrics_table
+from sae_lens_attn.files import atomic_write
 from sae_lens_attn.models import SAMPLE_TEXT, bos_token_id, load_model, model_name
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site, parse_sites
 
 from .config import TrainConfig
-from .trainer import OptimConfig, Trainer
+from .distributed import Dist, rank_device, shard_sites
+from .trainer import OptimConfig, Trainer, latest_checkpoint, remove_partial_checkpoints
 
 #: Harvest everything once and reuse it across epochs when the activations fit in this many bytes.
 IN_MEMORY_BYTES = 2 * 1024**3
+#: Settings that may change between a run and its ``--resume`` (they do not change what is computed).
+RESUME_MAY_CHANGE = frozenset(
+    {"resume", "progress", "out_dir", "checkpoint_every", "log_every", "device", "distributed", "wandb_project",
+     "deterministic"}
+)
 
 
 @dataclass
@@ -33,11 +66,22 @@ class TrainResult:
         return format_metrics_table(self.metrics)
 
 
-def build_saes(cfg: TrainConfig, model, sites: list[Site], context_size: int) -> dict[Site, SAE]:
+def build_saes(
+    cfg: TrainConfig, model, sites: list[Site], context_size: int, only: list[Site] | None = None
+) -> dict[Site, SAE]:
+    """One SAE per site (only those in ``only``, when given), seeded by the site's index in ``sites`` so
+    a site's SAE is the same whichever process builds it."""
     saes = {}
     for i, site in enumerate(sites):
+        if only is not None and site not in only:
+            continue
         d_in = site.d_in(model.cfg)
         d_sae = cfg.d_sae or cfg.expansion_factor * d_in
+        if cfg.k > d_sae:
+            raise ValueError(
+                f"TrainConfig.k ({cfg.k}) exceeds the {d_sae} latents of site {site.label} (expansion_factor "
+                f"{cfg.expansion_factor} x d_in {d_in}); lower --k or raise --expansion-factor / --d-sae"
+            )
         scfg = SAEConfig(
             d_in=d_in,
             d_sae=d_sae,
@@ -61,6 +105,7 @@ def build_saes(cfg: TrainConfig, model, sites: list[Site], context_size: int) ->
         sae = SAE(scfg, init=False)
         sae.reset_parameters(torch.Generator().manual_seed(cfg.seed * 1000 + i))
         sae.to(_device(model))
+        sae.bf16_select = cfg.bf16_encoder
         saes[site] = sae
     return saes
 
@@ -69,44 +114,253 @@ def _device(model) -> torch.device:
     return next(iter(model.parameters())).device
 
 
-def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Train one SAE per requested site, evaluate them, and save them under ``cfg.out_dir``."""
+# --------------------------------------------------------------------------------------------- batches
+
+
+def memory_batches(
+    data: dict[Site, SiteBatch], batch_size: int, seed: int = 0, device: str | torch.device = "cpu", start: int = 0
+) -> Iterator[dict[Site, SiteBatch]]:
+    """:func:`~sae_lens_attn.activations.epoch_batches` from batch ``start`` on, reached without building
+    the skipped batches: the same generator draws (one permutation per epoch), so the stream is identical
+    (``tests/test_resume.py`` checks it against ``epoch_batches``)."""
+    n = next(iter(data.values())).acts.shape[0]
+    if n < batch_size:
+        raise ValueError(f"only {n} activation vectors, fewer than one batch of {batch_size}; use more text")
+    per_epoch = n // batch_size
+    gen = torch.Generator().manual_seed(seed)
+    skip_epochs, first = divmod(start, per_epoch)
+    for _ in range(skip_epochs):
+        torch.randperm(n, generator=gen)
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for b in range(first, per_epoch):
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            yield {
+                s: SiteBatch(d.acts[idx].to(device), d.grads[idx].to(device) if d.grads is not None else None)
+                for s, d in data.items()
+            }
+        first = 0
+
+
+def _rank_slice(batches: Iterator[dict[Site, SiteBatch]], dist: Dist) -> Iterator[dict[Site, SiteBatch]]:
+    """Rank r's contiguous share of each global batch (the single-process batch, split in world parts)."""
+    for batch in batches:
+        out = {}
+        for s, b in batch.items():
+            n = b.acts.shape[0]
+            lo, hi = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
+            out[s] = SiteBatch(b.acts[lo:hi], b.grads[lo:hi] if b.grads is not None else None)
+        yield out
+
+
+def _to_device(batches: Iterator[dict[Site, SiteBatch]], device) -> Iterator[dict[Site, SiteBatch]]:
+    for batch in batches:
+        yield {
+            s: SiteBatch(b.acts.to(device), b.grads.to(device) if b.grads is not None else None)
+            for s, b in batch.items()
+        }
+
+
+class BatchSource:
+    """The batches for this rank, already at data position ``start``, and how they were made."""
+
+    def __init__(self, batches: Iterator[dict[Site, SiteBatch]], kind: str, layout: str):
+        self.batches = batches
+        self.kind = kind
+        """``memory``, ``cache`` or ``stream``."""
+        self.layout = layout
+        """What a resume must reproduce: ``full`` (every site sees the single-process stream) or ``dpN``."""
+
+
+def make_batches(
+    cfg: TrainConfig, model, train_rows: torch.Tensor, all_sites: list[Site], sites: list[Site], dist: Dist,
+    start: int = 0, log=print,
+) -> BatchSource:
+    """This rank's batches of its ``sites``, starting at batch ``start`` (see the module docstring)."""
+    with_grad = cfg.sae == "gsae"
+    device = _device(model)
+    dp = dist.data_parallel
+    layout = f"dp{dist.world_size}" if dp else "full"
+    if cfg.activation_cache:
+        # Rank 0 writes (or completes) the cache for every site; the others wait, then all read it.
+        if dist.is_main:
+            cache = write_cache(model, train_rows, all_sites, cfg.activation_cache, with_grad=with_grad,
+                                drop_bos=cfg.drop_bos, model_batch_rows=cfg.model_batch_rows)
+            log(f"activation cache {cfg.activation_cache}: {cache.n_tokens:,} tokens")
+        dist.barrier()
+        stream = CachedActivations(cfg.activation_cache, sites).batches(cfg.batch_size, seed=cfg.seed, device="cpu")
+        if start:
+            log(f"resume: skipping {start} cached batches (no model passes)")
+        stream = itertools.islice(stream, start, None)
+        if dp:
+            stream = _rank_slice(stream, dist)
+        return BatchSource(_to_device(stream, device), "cache", layout)
+    rows = train_rows[dist.rank :: dist.world_size] if dp else train_rows
+    batch_size = cfg.batch_size // dist.world_size if dp else cfg.batch_size
+    width = sum(s.d_in(model.cfg) for s in sites) * (2 if with_grad else 1)
+    if rows.numel() * width * 4 <= IN_MEMORY_BYTES:
+        log(f"harvesting {rows.numel():,} tokens at {len(sites)} site(s) once (fits in memory)")
+        data = harvest_all(model, rows, sites, model_batch_rows=cfg.model_batch_rows, with_grad=with_grad,
+                           drop_bos=cfg.drop_bos)
+        return BatchSource(memory_batches(data, batch_size, cfg.seed, device, start=start), "memory", layout)
+    stream = activation_batches(model, rows, sites, batch_size, model_batch_rows=cfg.model_batch_rows,
+                                with_grad=with_grad, drop_bos=cfg.drop_bos, seed=cfg.seed)
+    if start:
+        log(f"resume: replaying {start} streamed batches (the model runs again for them; an activation cache "
+            "avoids this)")
+    return BatchSource(itertools.islice(stream, start, None), "stream", layout)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def _check_resume_config(cfg: TrainConfig, out_dir: Path) -> None:
+    """The settings that decide what is computed must be those of the run being resumed."""
+    saved_file = out_dir / "train_config.json"
+    if not saved_file.exists():
+        return
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{saved_file}: unreadable ({err}); cannot check that --resume continues the same run") from err
+    current = asdict(cfg)
+    names = {f.name for f in fields(TrainConfig)}
+    diffs = [
+        f"--{k.replace('_', '-')}: checkpointed run {saved[k]!r}, now {current[k]!r}"
+        for k in sorted(names - RESUME_MAY_CHANGE)
+        if k in saved and saved[k] != current[k]
+    ]
+    if diffs:
+        raise ValueError(
+            f"--resume: {out_dir} holds a run with other settings ({'; '.join(diffs)}). Resume with the original "
+            "settings, or train into a new --out-dir"
+        )
+
+
+def _truncate_log(out_dir: Path, step: int) -> None:
+    """Drop log records written after the checkpoint we resume from (they will be written again)."""
+    f = out_dir / "log.jsonl"
+    if not f.exists():
+        return
+    kept = []
+    for line in f.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut by the kill: drop it
+            continue
+    text = "".join(line + "\n" for line in kept)
+    atomic_write(f, lambda tmp: Path(tmp).write_text(text))
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels (``torch.use_deterministic_algorithms``). On CPU every op this package uses
+    has a deterministic kernel (CSR matmul, index_add_, embedding_bag included); on CUDA cuBLAS also needs
+    a fixed workspace, set here before the first CUDA matmul."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+class WandbLogger:
+    """Optional Weights & Biases logging of the JSONL records (rank 0). The run id is kept in out_dir so a
+    ``--resume`` continues the same W&B run. ``WANDB_MODE=offline`` works without a network."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(
+                "TrainConfig.wandb_project needs the wandb package (pip install wandb); the JSONL log in "
+                "out_dir is written without it"
+            ) from None
+        id_file = out_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if cfg.resume and id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=str(out_dir), id=run_id,
+                              resume="allow", name=out_dir.name)
+
+    def __call__(self, rec: dict) -> None:
+        site = rec["site"]
+        self.run.log({f"{site}/{k}": v for k, v in rec.items() if k not in ("step", "site")}, step=rec["step"])
+
+    def summary(self, metrics: list[SAEMetrics]) -> None:
+        for m in metrics:
+            for k, v in m.as_dict().items():
+                if k != "site":
+                    self.run.summary[f"{m.site}/eval/{k}"] = v
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
+    """Train one SAE per requested site, evaluate them, and save them under ``cfg.out_dir``.
+
+    ``dist``: the process group under torchrun (``Dist()``, one process, by default). Every rank calls
+    this; rank 0 alone writes files and returns the metrics.
+    """
+    dist = dist or Dist()
+    out_dir = Path(cfg.out_dir)
+    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    if ckpt is not None:  # checked before the model loads: a mismatch fails in a second
+        _check_resume_config(cfg, out_dir)
+    elif cfg.resume:
+        log(f"resume: no complete checkpoint in {out_dir}; starting afresh")
+    if cfg.deterministic:
+        set_deterministic()
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype))
-    sites = parse_sites(cfg.layers, cfg.site, cfg.head, n_layers=model.cfg.n_layers)
-    check_sites(model, sites)
+    model = load_model(cfg.model, device=rank_device(cfg.device, dist), dtype=getattr(torch, cfg.dtype))
+    all_sites = parse_sites(cfg.layers, cfg.site, cfg.head, n_layers=model.cfg.n_layers)
+    check_sites(model, all_sites)
+    sites = shard_sites(all_sites, dist)
+    if dist.data_parallel and cfg.batch_size % dist.world_size:
+        raise ValueError(
+            f"TrainConfig.batch_size ({cfg.batch_size}) must be divisible by the {dist.world_size} processes in "
+            "data-parallel mode (each trains on batch_size / world vectors per step)"
+        )
     context_size = min(cfg.context_size, int(model.cfg.n_ctx))
     source = cfg.dataset or SAMPLE_TEXT
     rows = token_rows(source, model.tokenizer, context_size, bos_token_id(model), text_field=cfg.text_field)
     rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))]
     n_eval = min(cfg.eval_rows, rows.shape[0] // 4)
     eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
-    if train_rows.shape[0] == 0:
+    if train_rows.shape[0] < dist.world_size:
         raise ValueError(f"dataset {source} is too small: no rows left for training after {n_eval} eval rows")
+    saes = build_saes(cfg, model, all_sites, context_size, only=sites)
 
-    saes = build_saes(cfg, model, sites, context_size)
-    with_grad = cfg.sae == "gsae"
-    width = sum(s.d_in(model.cfg) for s in sites) * (2 if with_grad else 1)
-    est_bytes = train_rows.numel() * width * 4
-    if est_bytes <= IN_MEMORY_BYTES:
-        log(f"harvesting {train_rows.numel():,} tokens at {len(sites)} site(s) once (fits in memory)")
-        data = harvest_all(model, train_rows, sites, model_batch_rows=cfg.model_batch_rows, with_grad=with_grad,
-                           drop_bos=cfg.drop_bos)
-        batches = epoch_batches(data, cfg.batch_size, cfg.seed, _device(model))
-    else:
-        batches = activation_batches(model, train_rows, sites, cfg.batch_size, model_batch_rows=cfg.model_batch_rows,
-                                     with_grad=with_grad, drop_bos=cfg.drop_bos, seed=cfg.seed)
-
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(asdict(cfg), indent=2)
+        atomic_write(out_dir / "train_config.json", lambda tmp: Path(tmp).write_text(text))
     ocfg = OptimConfig(
         lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay_fraction=cfg.decay_fraction,
         auxk_alpha=cfg.auxk_alpha, auxk_k=cfg.auxk_k, dead_tokens=cfg.dead_tokens, log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every,
     )
-    trainer = Trainer(saes, ocfg, out_dir)
-    bar = tqdm(total=ocfg.steps, disable=not cfg.progress, dynamic_ncols=True, desc=f"{cfg.sae} k={cfg.k}")
+    wandb_logger = WandbLogger(cfg, out_dir) if cfg.wandb_project and dist.is_main else None
+    trainer = Trainer(saes, ocfg, out_dir, dist, loggers=[wandb_logger] if wandb_logger else [])
+    layout = f"dp{dist.world_size}" if dist.data_parallel else "full"
+    if ckpt is not None:
+        extra = trainer.restore(ckpt)
+        saved_layout = extra.get("data_layout", "full")
+        if saved_layout != layout:
+            raise ValueError(
+                f"--resume: {ckpt} was written with data layout {saved_layout!r} but this run uses {layout!r} "
+                "(data-parallel runs must resume with the same number of processes); resume with the original "
+                "torchrun --nproc-per-node, or train into a new --out-dir"
+            )
+        if dist.is_main:
+            _truncate_log(out_dir, trainer.step_idx)
+            remove_partial_checkpoints(out_dir)
+        log(f"resumed from {ckpt} at step {trainer.step_idx}/{ocfg.steps}")
+    data = make_batches(cfg, model, train_rows, all_sites, sites, dist, start=trainer.batches_consumed, log=log)
+    trainer.extra = {"data_layout": data.layout, "batch_source": data.kind}
+
+    bar = tqdm(total=ocfg.steps, initial=trainer.step_idx, disable=not (cfg.progress and dist.is_main),
+               dynamic_ncols=True, desc=f"{cfg.sae} k={cfg.k}")
 
     def progress(step: int, stats) -> None:
         bar.update(1)
@@ -120,15 +374,24 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             )
 
     try:
-        trainer.fit(batches, progress)
+        trainer.fit(data.batches, progress)
     finally:
         bar.close()
 
+    all_saes = trainer.gather_saes()
+    for sae in all_saes.values():
+        sae.reuse_pre_buffer = False  # handed to the caller: every encode returns its own pre
+    sparsity = trainer.gather_log_sparsity()
     metrics = []
-    for site, state in trainer.states.items():
-        path = state.sae.save(out_dir / site.label, state.log_sparsity())
-        m, _ = evaluate_sae(model, state.sae, site, eval_rows)
-        metrics.append(m)
-        log(f"saved {site.label} -> {path}")
-    (out_dir / "metrics.json").write_text(json.dumps([m.as_dict() for m in metrics], indent=2))
-    return TrainResult(trainer.saes, metrics, out_dir)
+    if dist.is_main:
+        for site, sae in all_saes.items():
+            path = sae.save(out_dir / site.label, sparsity[site])
+            m, _ = evaluate_sae(model, sae, site, eval_rows)
+            metrics.append(m)
+            log(f"saved {site.label} -> {path}")
+        text = json.dumps([m.as_dict() for m in metrics], indent=2)
+        atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+        if wandb_logger is not None:
+            wandb_logger.summary(metrics)
+            wandb_logger.finish()
+    return TrainResult(all_saes, metrics, out_dir)
