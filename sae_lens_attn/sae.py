@@ -131,6 +131,9 @@ class SAEConfig:
                 meta[key] = d[key]
         selection = meta.pop("selection", "topk")
         beta = meta.pop("gsae_beta", 1.0)
+        # File-format stamps, not user metadata: to_saelens_dict writes them again.
+        meta.pop("sae_lens_version", None)
+        meta.pop("sae_lens_training_version", None)
         theirs = meta.pop("sae_lens_attn_version", None)
         if theirs is not None and version_tuple(str(theirs)) > version_tuple(__version__):
             raise SAEFileError(
