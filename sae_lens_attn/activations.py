@@ -172,12 +172,12 @@ def activation_batches(
         order = torch.randperm(rows.shape[0], generator=gen)
         for start in range(0, len(order), model_batch_rows):
             h = harvest(model, rows[order[start : start + model_batch_rows]], sites, with_grad, drop_bos)
-            keep = h.mask.reshape(-1).cpu()
+            kept = kept_vectors(h, keys)
             for s in keys:
-                store[s].append(h.acts[s].reshape(-1, h.acts[s].shape[-1]).cpu()[keep])
+                store[s].append(kept[s].acts)
                 if with_grad:
-                    gstore[s].append(h.grads[s].reshape(-1, h.grads[s].shape[-1]).cpu()[keep])
-            have += int(keep.sum())
+                    gstore[s].append(kept[s].grads)
+            have += int(h.mask.sum())
             if have >= capacity:
                 yield from drain(final=False)
         epoch += 1
@@ -205,6 +205,16 @@ def splice(model, site: Site, fn: Callable[[torch.Tensor], torch.Tensor], keep: 
         yield model
 
 
+def kept_vectors(h: Harvest, sites: Sequence[Site]) -> dict[Site, SiteBatch]:
+    """One harvest as flat CPU [tokens, d_in] vectors per site, only the positions its mask keeps."""
+    keep = h.mask.reshape(-1).cpu()
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).cpu()[keep]
+
+    return {s: SiteBatch(flat(h.acts[s]), flat(h.grads[s]) if h.grads is not None else None) for s in sites}
+
+
 def harvest_all(
     model,
     rows: Int[torch.Tensor, "rows pos"],
@@ -218,12 +228,11 @@ def harvest_all(
     acts: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
     grads: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
     for start in range(0, rows.shape[0], model_batch_rows):
-        h = harvest(model, rows[start : start + model_batch_rows], sites, with_grad, drop_bos)
-        keep = h.mask.reshape(-1).cpu()
+        kept = kept_vectors(harvest(model, rows[start : start + model_batch_rows], sites, with_grad, drop_bos), sites)
         for s in sites:
-            acts[s].append(h.acts[s].reshape(-1, h.acts[s].shape[-1]).cpu()[keep])
+            acts[s].append(kept[s].acts)
             if with_grad:
-                grads[s].append(h.grads[s].reshape(-1, h.grads[s].shape[-1]).cpu()[keep])
+                grads[s].append(kept[s].grads)
     return {s: SiteBatch(torch.cat(acts[s]), torch.cat(grads[s]) if with_grad else None) for s in sites}
 
 
