@@ -45,7 +45,72 @@ def sparse_decode(
     """Decode k active latents per row without forming the dense [batch, d_sae] code."""
     if not kernels_enabled():
         return sparse_decode_reference(values, indices, W_dec)
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return _SparseDecode.apply(values.to(W_dec.dtype), indices, W_dec)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``embedding_bag`` forward; backward by hand: d values[b, j] = g[b] . W_dec[i_bj] (k gathered rows per
+    row, in chunks) and d W_dec = the CSR product :func:`latent_outer_sum` (rows sorted by latent, written
+    into uninitialised memory), which is cheaper on a CPU than ``embedding_bag``'s dense backward (a zeroed
+    [d_sae, d_in] buffer plus a scatter)."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices, W_dec = ctx.saved_tensors
+        grad = grad.contiguous()
+        g_values = g_W = None
+        if ctx.needs_input_grad[0]:
+            g_values = gathered_dots(grad, indices, W_dec)
+        if ctx.needs_input_grad[2]:
+            g_W = latent_outer_sum(indices, values, grad, W_dec.shape[0]).to(W_dec.dtype)
+        return g_values, None, g_W
+
+
+def gathered_dots(
+    x: Float[torch.Tensor, "batch d"], indices: Int[torch.Tensor, "batch k"], rows: Float[torch.Tensor, "n d"]
+) -> Float[torch.Tensor, "batch k"]:
+    """out[b, j] = x[b] . rows[indices[b, j]], without materialising the [batch, k, d] gather: it is the
+    gradient of ``embedding_bag(indices, rows, per_sample_weights=w)`` with respect to ``w`` at upstream
+    gradient ``x``, which torch computes in one fused pass (several times faster on a CPU than gathering
+    the rows and multiplying)."""
+    with torch.enable_grad():
+        w = torch.ones(indices.shape, dtype=rows.dtype, device=rows.device, requires_grad=True)
+        y = F.embedding_bag(indices, rows.detach(), per_sample_weights=w, mode="sum")
+        return torch.autograd.grad(y, w, x.detach().to(rows.dtype))[0]
+
+
+# --- selection ----------------------------------------------------------------------------------------
+TOPK_GROUP = 16
+
+
+def topk_indices_reference(scores: Float[torch.Tensor, "batch n"], k: int) -> Int[torch.Tensor, "batch k"]:
+    return scores.topk(k, dim=-1, sorted=False).indices
+
+
+def topk_indices(scores: Float[torch.Tensor, "batch n"], k: int) -> Int[torch.Tensor, "batch k"]:
+    """The k largest entries per row (unordered), as ``torch.topk`` chooses them, about 1.5x faster on a CPU.
+
+    Two levels. Split each row's n entries into nb = n / TOPK_GROUP blocks, block c = {c, c + nb, c + 2nb,
+    ...} (a strided partition, so the block maxima are one vectorised reduction over a [G, nb] view). Each of
+    the row's k largest entries is >= the k-th largest block maximum t, so it lies in a block whose maximum
+    is >= t: one of the k blocks with the largest maxima. ``topk`` then runs over those k * TOPK_GROUP
+    candidates instead of n. The selected values are exactly torch.topk's; only which of several exactly
+    tied entries is taken may differ. On CUDA, for small rows, or with ``SAE_LENS_ATTN_KERNELS=reference``
+    this is ``torch.topk`` itself.
+    """
+    n, G = scores.shape[-1], TOPK_GROUP
+    if not kernels_enabled() or scores.device.type != "cpu" or n % G or n < 4 * k * G or scores.dim() != 2:
+        return topk_indices_reference(scores, k)
+    with torch.no_grad():
+        rows, nb = scores.shape[0], n // G
+        top_blocks = scores.reshape(rows, G, nb).amax(1).topk(k, dim=-1, sorted=False).indices  # [rows, k]
+        cand = (top_blocks.unsqueeze(-1) + nb * torch.arange(G, device=scores.device)).reshape(rows, k * G)
+        return cand.gather(1, scores.gather(1, cand).topk(k, dim=-1, sorted=False).indices)
 
 
 # --- encode -------------------------------------------------------------------------------------------
@@ -59,14 +124,16 @@ def dense_pre(
     """All pre-activations, for choosing latents: one GEMM, no autograd graph.
 
     ``out``: a reusable [batch, d_sae] buffer (a fresh 400 MB output every step costs page faults on the
-    CPU). ``bf16``: the GEMM runs in bf16 with a bf16 bias (an fp32 bias would promote the output).
+    CPU). ``bf16``: the GEMM runs in bf16 (on a CPU with AMX or on a GPU, several times faster than fp32)
+    and returns bf16 pre-activations. The bias is added after the GEMM rather than by ``addmm``, which
+    first copies the broadcast bias into the whole output.
     """
+    dtype = torch.bfloat16 if bf16 else W_enc.dtype
     with torch.no_grad():
-        if bf16:
-            return torch.addmm(b_enc.to(torch.bfloat16), x_centered.to(torch.bfloat16), W_enc.to(torch.bfloat16))
-        if out is not None and out.shape == (x_centered.shape[0], W_enc.shape[1]) and out.dtype == W_enc.dtype:
-            return torch.addmm(b_enc, x_centered, W_enc, out=out)
-        return torch.addmm(b_enc, x_centered, W_enc)
+        if out is None or out.shape != (x_centered.shape[0], W_enc.shape[1]) or out.dtype != dtype:
+            out = torch.empty(x_centered.shape[0], W_enc.shape[1], dtype=dtype, device=x_centered.device)
+        torch.mm(x_centered.to(dtype), W_enc.to(dtype), out=out)
+        return out.add_(b_enc.to(dtype))
 
 
 @torch.no_grad()
@@ -75,17 +142,10 @@ def exact_pre_at(
     indices: Int[torch.Tensor, "batch k"],
     W_enc: Float[torch.Tensor, "d_in d_sae"],
     b_enc: Float[torch.Tensor, " d_sae"],
-    chunk: int = 512,
 ) -> Float[torch.Tensor, "batch k"]:
-    """The chosen pre-activations in the weights' dtype, from gathered encoder columns, in row chunks (so the
-    [chunk, k, d_in] gather stays small); no autograd graph."""
-    out = torch.empty(indices.shape, dtype=W_enc.dtype, device=indices.device)
-    Wt = W_enc.T
-    for start in range(0, indices.shape[0], chunk):
-        idx = indices[start : start + chunk]
-        cols = F.embedding(idx, Wt)
-        out[start : start + chunk] = torch.einsum("bd,bkd->bk", x_centered[start : start + chunk], cols) + b_enc[idx]
-    return out
+    """The chosen pre-activations in the weights' dtype, from the k chosen encoder columns; no autograd
+    graph."""
+    return gathered_dots(x_centered, indices, W_enc.T).add_(b_enc.detach()[indices])
 
 
 class _SelectedPre(torch.autograd.Function):
@@ -134,7 +194,8 @@ def latent_outer_sum(
     col = torch.arange(indices.shape[0], device=x.device).repeat_interleave(indices.shape[1])[order]
     G = torch.sparse_csr_tensor(crow, col, weights.reshape(-1)[order].to(x.dtype), (n_latents, x.shape[0]),
                                 check_invariants=False)
-    return G @ x
+    out = torch.empty(n_latents, x.shape[-1], dtype=x.dtype, device=x.device)
+    return torch.addmm(out, G, x, beta=0, out=out)  # beta=0: the uninitialised buffer is never read (G @ x zero-fills)
 
 
 def latent_outer_sum_reference(indices, weights, x, n_latents):

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import __version__
 from .files import atomic_write
-from .kernels import dense_pre, kernels_enabled, selected_pre, sparse_decode
+from .kernels import dense_pre, kernels_enabled, selected_pre, sparse_decode, topk_indices
 
 Selection = Literal["topk", "gsae"]
 CFG_FILENAME = "cfg.json"
@@ -215,9 +215,10 @@ class SAE(nn.Module):
         if not self.reuse_pre_buffer:
             return None
         shape = (xc.shape[0], self.cfg.d_sae)
+        dtype = torch.bfloat16 if self.bf16_select else self.W_enc.dtype
         buf = getattr(self, "_buf", None)
-        if buf is None or buf.shape != shape or buf.device != xc.device or buf.dtype != self.W_enc.dtype:
-            buf = torch.empty(shape, dtype=self.W_enc.dtype, device=xc.device)
+        if buf is None or buf.shape != shape or buf.device != xc.device or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype, device=xc.device)
             self._buf = buf
         return buf
 
@@ -271,10 +272,10 @@ class SAE(nn.Module):
             pre = xc @ self.W_enc + self.b_enc
         k = self.cfg.k
         if self.cfg.selection == "gsae" and grad is not None:
-            _, indices = self.gsae_scores(pre, grad).topk(k, dim=-1, sorted=False)
+            indices = topk_indices(self.gsae_scores(pre, grad), k)
             rule = "gsae"
         else:
-            _, indices = pre.detach().topk(k, dim=-1, sorted=False)
+            indices = topk_indices(pre.detach(), k)
             rule = "topk" if self.cfg.selection == "topk" else "topk (gsae without gradient)"
         if not kernels_enabled():
             values = pre.gather(-1, indices).relu()
@@ -319,8 +320,9 @@ class SAE(nn.Module):
         it; renormalising after the step then changes only its direction."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        g = self.W_dec.grad
+        parallel = torch.einsum("ij,ij->i", g, self.W_dec)  # row-wise dot products, no [d_sae, d_in] temporary
+        g.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1.0)
 
     # --- checking -------------------------------------------------------------------------------------
     def check_site(self, site, model_cfg) -> None:

@@ -107,6 +107,30 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
     return 1.0
 
 
+class LayoutAwareAdam(torch.optim.Adam):
+    """torch's fused Adam (one kernel per tensor for the whole update: about 2x faster than the default
+    foreach path on a CPU, where Adam over the two [d_sae, d_in] matrices is a large share of a step), fed
+    contiguous aliases of transposed parameters.
+
+    ``SAE.W_enc`` is a transposed view of a contiguous [d_sae, d_in] buffer; the fused kernel would copy such
+    a parameter (and its gradient and moments) to contiguous memory and back every step. Its transpose is
+    contiguous and shares storage, and Adam is elementwise, so updating the transposes updates the
+    parameter in place with the same arithmetic. State and checkpoints are torch.optim.Adam's own.
+    """
+
+    def __init__(self, params, **kw):
+        kw.setdefault("fused", True)
+        super().__init__(params, **kw)
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        out = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        for i, p in enumerate(params):
+            quad = (p, grads[i], exp_avgs[i], exp_avg_sqs[i])
+            if p.dim() == 2 and not p.is_contiguous() and all(t.T.is_contiguous() for t in quad):
+                params[i], grads[i], exp_avgs[i], exp_avg_sqs[i] = (t.T for t in quad)
+        return out
+
+
 class SiteState:
     """One site's SAE with its optimizer and dead-latent counter.
 
@@ -121,7 +145,7 @@ class SiteState:
         # step() reads EncodeOutput.pre only before the next encode, so the SAE may write it into one reused
         # buffer (SAE.reuse_pre_buffer: no fresh [batch, d_sae] allocation per step).
         sae.reuse_pre_buffer = True
-        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.opt = LayoutAwareAdam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=6.25e-10)
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device)
         self.fire_counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
         self.tokens_seen = 0

@@ -1,0 +1,115 @@
+"""The fast kernels against their pure-PyTorch twins (fp32 within 1e-5 relative)."""
+
+import pytest
+import torch
+
+from sae_lens_attn.kernels import (
+    TOPK_GROUP,
+    gathered_dots,
+    sparse_decode,
+    sparse_decode_reference,
+    topk_indices,
+    topk_indices_reference,
+)
+from sae_lens_attn.sae import SAE, SAEConfig
+from sae_lens_attn.training.trainer import LayoutAwareAdam
+
+
+def _sae(d_in, d_sae, k, seed):
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k), init=False)
+    sae.reset_parameters(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
+    return sae
+
+
+def _same_choice(scores, got, want):
+    """Per row: the same multiset of selected values as torch.topk, and k distinct latents."""
+    assert torch.equal(scores.gather(-1, got).sort(-1).values, scores.gather(-1, want).sort(-1).values)
+    assert all(len(set(r.tolist())) == got.shape[1] for r in got)
+
+
+@pytest.mark.parametrize("n,k", [(1024, 8), (6144, 32), (4096, 16), (24576, 32)])
+def test_two_level_topk_matches_torch_topk(n, k):
+    assert n >= 4 * k * TOPK_GROUP  # the two-level path is the one under test
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.randn(300, n, generator=g)
+    scores[0, :k] = 100.0  # all of a row's top entries in one block
+    scores[1] = torch.linspace(-1, 1, n)  # the top entries in the last column of the [G, nb] view
+    scores[2, :: n // TOPK_GROUP] = 50.0  # all of block 0 in the top k
+    got = topk_indices(scores, k)
+    want = topk_indices_reference(scores, k)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+def test_two_level_topk_with_ties_picks_equal_values():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 5, (64, 2048), generator=g).float()  # heavy ties
+    scores[3] = 0.0  # a row that is all ties (a zero input row with a zero bias)
+    got = topk_indices(scores, 8)
+    _same_choice(scores, got, topk_indices_reference(scores, 8))
+
+
+def test_topk_reference_switch(monkeypatch):
+    scores = torch.randn(8, 2048, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setenv("SAE_LENS_ATTN_KERNELS", "reference")
+    assert torch.equal(topk_indices(scores, 8), topk_indices_reference(scores, 8))
+
+
+def test_sparse_decode_backward_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(500, 24, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, 500, (70, 6), generator=g)
+    vals = torch.randn(70, 6, generator=g, dtype=torch.float64)
+    up = torch.randn(70, 24, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (sparse_decode, sparse_decode_reference):
+        w, v = W.clone().requires_grad_(), vals.clone().requires_grad_()
+        out = fn(v, idx, w)
+        grads.append((out, *torch.autograd.grad(out, (w, v), up)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_gathered_dots_matches_definition():
+    g = torch.Generator().manual_seed(4)
+    rows, x = torch.randn(300, 16, generator=g), torch.randn(1100, 16, generator=g)
+    idx = torch.randint(0, 300, (1100, 5), generator=g)
+    torch.testing.assert_close(gathered_dots(x, idx, rows), torch.einsum("bd,bkd->bk", x, rows[idx]))
+
+
+def _train(sae, opt, xs):
+    for x in xs:
+        opt.zero_grad(set_to_none=True)
+        out = sae(x)
+        ((x - out.x_hat).pow(2).sum() / x.pow(2).sum()).backward()
+        sae.remove_parallel_decoder_grad()
+        opt.step()
+        sae.normalize_decoder()
+
+
+def test_layout_aware_fused_adam_equals_plain_adam():
+    """The fused update through the transposed aliases of W_enc gives torch's default Adam's parameters."""
+    xs = [torch.randn(128, 16, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    a = _sae(16, 2048, 8, 0)
+    b = _sae(16, 2048, 8, 0)
+    assert not a.W_enc.is_contiguous()  # the case the aliasing exists for
+    _train(a, LayoutAwareAdam(a.parameters(), lr=1e-3, eps=6.25e-10), xs)
+    _train(b, torch.optim.Adam(b.parameters(), lr=1e-3, eps=6.25e-10, foreach=False), xs)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert p.stride() == q.stride(), name
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sparse_step_matches_reference_with_two_level_topk(monkeypatch):
+    """A full sparse step at a width where two-level selection and the CSR decoder backward both run."""
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for mode in ("reference", "auto"):
+        monkeypatch.setenv("SAE_LENS_ATTN_KERNELS", mode)
+        sae = _sae(32, 4096, 16, 1)
+        out = sae(x)
+        ((x - out.x_hat).pow(2).sum()).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in sae.named_parameters()} | {"x_hat": out.x_hat.detach()}
+    for name, ref in grads["reference"].items():
+        assert (grads["auto"][name] - ref).abs().max() <= 1e-5 * ref.abs().max(), name
