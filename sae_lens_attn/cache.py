@@ -503,6 +503,15 @@ class CachedShard(NamedTuple):
     info: ShardInfo
 
 
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor to ``device``; to a GPU through pinned memory, so the copy is asynchronous (the host side
+    of the next shard is read while this one is still on its way)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class CachedActivations:
     """A cache written by :func:`write_cache`, checked on open and read memory-mapped.
 
@@ -643,8 +652,8 @@ class CachedActivations:
     def _to_batches(self, t: dict[str, torch.Tensor], device) -> dict[Site, SiteBatch]:
         return {
             s: SiteBatch(
-                t[f"{s.label}.acts"].to(device),
-                t[f"{s.label}.grads"].to(device) if self.with_grad else None,
+                _to_device(t[f"{s.label}.acts"], device),
+                _to_device(t[f"{s.label}.grads"], device) if self.with_grad else None,
             )
             for s in self._sites
         }

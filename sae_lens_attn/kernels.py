@@ -103,14 +103,24 @@ def topk_indices(scores: Float[torch.Tensor, "batch n"], k: int) -> Int[torch.Te
     tied entries is taken may differ. On CUDA, for small rows, or with ``SAE_LENS_ATTN_KERNELS=reference``
     this is ``torch.topk`` itself.
     """
-    n, G = scores.shape[-1], TOPK_GROUP
-    if not kernels_enabled() or scores.device.type != "cpu" or n % G or n < 4 * k * G or scores.dim() != 2:
+    if not kernels_enabled() or scores.device.type != "cpu" or scores.dim() != 2:
         return topk_indices_reference(scores, k)
     with torch.no_grad():
-        rows, nb = scores.shape[0], n // G
-        top_blocks = scores.reshape(rows, G, nb).amax(1).topk(k, dim=-1, sorted=False).indices  # [rows, k]
-        cand = (top_blocks.unsqueeze(-1) + nb * torch.arange(G, device=scores.device)).reshape(rows, k * G)
-        return cand.gather(1, scores.gather(1, cand).topk(k, dim=-1, sorted=False).indices)
+        return _topk_two_level(scores, k, TOPK_GROUP)
+
+
+def _topk_two_level(scores: torch.Tensor, k: int, G: int) -> torch.Tensor:
+    """Two-level selection with the largest group G' <= G (halving) that divides the row into >= 4k blocks;
+    the k best blocks are themselves chosen the same way (the block maxima form a narrower row)."""
+    n = scores.shape[-1]
+    while G >= 4 and (n % G or n < 4 * k * G):
+        G //= 2
+    if G < 4:
+        return topk_indices_reference(scores, k)
+    rows, nb = scores.shape[0], n // G
+    top_blocks = _topk_two_level(scores.reshape(rows, G, nb).amax(1), k, G)  # [rows, k]
+    cand = (top_blocks.unsqueeze(-1) + nb * torch.arange(G, device=scores.device)).reshape(rows, k * G)
+    return cand.gather(1, scores.gather(1, cand).topk(k, dim=-1, sorted=False).indices)
 
 
 # --- encode -------------------------------------------------------------------------------------------

@@ -211,15 +211,17 @@ class SAE(nn.Module):
     #: costs page faults on the CPU).
     reuse_pre_buffer: bool = False
 
-    def _pre_buffer(self, xc: torch.Tensor) -> torch.Tensor | None:
+    def _pre_buffer(self, xc: torch.Tensor, name: str = "_buf") -> torch.Tensor | None:
+        """A reused [batch, d_sae] buffer in the selection dtype (``name``: one per use), or None when
+        ``reuse_pre_buffer`` is off."""
         if not self.reuse_pre_buffer:
             return None
         shape = (xc.shape[0], self.cfg.d_sae)
         dtype = torch.bfloat16 if self.bf16_select else self.W_enc.dtype
-        buf = getattr(self, "_buf", None)
+        buf = self.__dict__.get(name)
         if buf is None or buf.shape != shape or buf.device != xc.device or buf.dtype != dtype:
             buf = torch.empty(shape, dtype=dtype, device=xc.device)
-            self._buf = buf
+            self.__dict__[name] = buf
         return buf
 
     def center(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
@@ -243,7 +245,10 @@ class SAE(nn.Module):
         return selected_pre(xc, indices, self.W_enc, self.b_enc, None if self.bf16_select else pre)
 
     def gsae_scores(
-        self, pre: Float[torch.Tensor, "batch d_sae"], grad: Float[torch.Tensor, "batch d_in"]
+        self,
+        pre: Float[torch.Tensor, "batch d_sae"],
+        grad: Float[torch.Tensor, "batch d_in"],
+        out: torch.Tensor | None = None,
     ) -> Float[torch.Tensor, "batch d_sae"]:
         """``z_i * (1 + beta * |W_dec[i] . g|)`` with z = ReLU(pre): each latent's activation weighted by its
         first-order effect on the loss (Olmo et al. 2024, "Features that Make a Difference", the g-TopK
@@ -252,10 +257,20 @@ class SAE(nn.Module):
         Where the paper is silent: latents with pre <= 0 (z = 0) all score 0 there; we keep their raw
         pre-activation as the score, so ties among them break exactly as in TopK and beta = 0 reproduces
         TopK's choice latent for latent (their kept value is 0 either way).
+
+        Computed as ``max(pre, pre * (1 + beta*|e|))``, which is that rule (the factor is >= 1, so the max
+        picks the weighted score where pre > 0 and pre itself elsewhere) in one GEMM and in-place passes over
+        one [batch, d_sae] buffer (``out``, reused by trainers). The GEMM runs in ``pre``'s dtype: bf16
+        after a bf16 selection GEMM (``bf16_select``), else the weights' dtype.
         """
-        effect = (grad.detach().to(self.W_dec.dtype) @ self.W_dec.detach().T).abs()
         pre = pre.detach()
-        return torch.where(pre > 0, pre * (1.0 + self.cfg.gsae_beta * effect), pre)
+        W_dec = self.W_dec.detach().to(pre.dtype)
+        g = grad.detach().to(device=pre.device, dtype=pre.dtype)
+        if out is None or out.shape != pre.shape or out.dtype != pre.dtype:
+            out = torch.empty_like(pre)
+        torch.mm(g, W_dec.T, out=out)
+        out.abs_().mul_(self.cfg.gsae_beta).add_(1.0).mul_(pre)
+        return torch.maximum(out, pre, out=out)
 
     def encode(self, x: Float[torch.Tensor, "batch d_in"], grad: torch.Tensor | None = None) -> EncodeOutput:
         """Choose k latents per row. A g-SAE uses ``grad`` (dL/dx at the site); without one it falls back to
@@ -272,7 +287,7 @@ class SAE(nn.Module):
             pre = xc @ self.W_enc + self.b_enc
         k = self.cfg.k
         if self.cfg.selection == "gsae" and grad is not None:
-            indices = topk_indices(self.gsae_scores(pre, grad), k)
+            indices = topk_indices(self.gsae_scores(pre, grad, out=self._pre_buffer(xc, "_score_buf")), k)
             rule = "gsae"
         else:
             indices = topk_indices(pre.detach(), k)

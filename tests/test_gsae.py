@@ -98,3 +98,17 @@ def test_many_sites_one_pass_equals_each_site_alone(tiny_neox):
         alone = _sae("gsae", seed=i)
         Trainer({site: alone}, cfg).fit({site: b[site]} for b in batches())
         assert torch.equal(alone.W_dec, joint[site].W_dec) and torch.equal(alone.b_enc, joint[site].b_enc)
+
+
+def test_gsae_rule_at_width_with_reused_buffers():
+    """The in-place score (reused buffers, two-level top-k) picks what the written-out rule picks."""
+    sae = SAE(SAEConfig(d_in=32, d_sae=2048, k=8, selection="gsae", gsae_beta=2.0), init=False)
+    sae.reset_parameters(torch.Generator().manual_seed(1))
+    sae.reuse_pre_buffer = True
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):  # the second call overwrites the first call's buffers
+        x, g = torch.randn(300, 32, generator=gen), torch.randn(300, 32, generator=gen)
+        code = sae.encode(x, g)
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        score = torch.where(pre > 0, pre * (1 + 2.0 * (g @ sae.W_dec.T).abs()), pre)
+        assert torch.equal(code.indices.sort(-1).values, score.topk(8, -1).indices.sort(-1).values)

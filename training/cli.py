@@ -35,7 +35,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
         hint = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        kw: dict = {"dest": f.name, "default": default, "help": f"{docs.get(f.name, '')} (default: {default})"}
+        kw: dict = {"dest": f.name, "default": default, "help": docs.get(f.name, "")}  # the formatter adds "(default: ...)"
         origin = typing.get_origin(hint)
         args = typing.get_args(hint)
         if origin is typing.Literal:
