@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -74,14 +75,29 @@ class _SparseDecode(torch.autograd.Function):
 def gathered_dots(
     x: Float[torch.Tensor, "batch d"], indices: Int[torch.Tensor, "batch k"], rows: Float[torch.Tensor, "n d"]
 ) -> Float[torch.Tensor, "batch k"]:
-    """out[b, j] = x[b] . rows[indices[b, j]], without materialising the [batch, k, d] gather: it is the
-    gradient of ``embedding_bag(indices, rows, per_sample_weights=w)`` with respect to ``w`` at upstream
-    gradient ``x``, which torch computes in one fused pass (several times faster on a CPU than gathering
-    the rows and multiplying)."""
-    with torch.enable_grad():
-        w = torch.ones(indices.shape, dtype=rows.dtype, device=rows.device, requires_grad=True)
-        y = F.embedding_bag(indices, rows.detach(), per_sample_weights=w, mode="sum")
-        return torch.autograd.grad(y, w, x.detach().to(rows.dtype))[0]
+    """out[b, j] = x[b] . rows[indices[b, j]], without materialising the [batch, k, d] gather.
+
+    This is exactly the gradient of ``embedding_bag(indices, rows, per_sample_weights=w)`` with respect to
+    ``w`` at upstream gradient ``x``, which aten computes in one fused pass
+    (``_embedding_bag_per_sample_weights_backward``, several times faster on a CPU than gathering the rows
+    and multiplying). That op is called directly; if a torch version lacks it, the same number comes from
+    ``torch.autograd.grad`` through the public ``embedding_bag`` (one extra forward pass).
+    """
+    x = x.detach().to(rows.dtype).contiguous()
+    rows = rows.detach()
+    b, k = indices.shape
+    try:
+        offsets = torch.arange(0, b * k, k, device=indices.device)
+        offset2bag = torch.arange(b, device=indices.device).repeat_interleave(k)
+        out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            x, rows, indices.reshape(-1), offsets, offset2bag, 0, -1  # mode 0: sum; no padding index
+        )
+        return out.view(b, k)
+    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - depends on the torch build
+        with torch.enable_grad():
+            w = torch.ones(indices.shape, dtype=rows.dtype, device=rows.device, requires_grad=True)
+            y = F.embedding_bag(indices, rows, per_sample_weights=w, mode="sum")
+            return torch.autograd.grad(y, w, x)[0]
 
 
 # --- selection ----------------------------------------------------------------------------------------
@@ -161,28 +177,35 @@ def exact_pre_at(
 class _SelectedPre(torch.autograd.Function):
     """Values already computed by the selection GEMM, given a sparse backward.
 
-    d pre[b, j] reaches W_enc[:, i_bj], b_enc[i_bj] and x[b] only: an index-add of k columns per row
-    instead of the dense [batch, d_sae] gradient and two more GEMMs that autograd through ``topk`` costs.
+    pre[b, j] = (x[b] - b_dec) . W_enc[:, i_bj] + b_enc[i_bj] reaches W_enc[:, i_bj], b_enc[i_bj], x[b] and
+    b_dec only: a CSR product into the chosen encoder columns instead of the dense [batch, d_sae] gradient
+    and two more GEMMs that autograd through ``topk`` costs. b_dec's gradient is -W_enc @ (the gradient
+    summed per latent), one matrix-vector product; the per-row input gradient is formed only when ``x``
+    itself requires a gradient.
     """
 
     @staticmethod
-    def forward(ctx, x_centered, W_enc, b_enc, indices, values):
+    def forward(ctx, x, b_dec, W_enc, b_enc, indices, values, x_centered):
         ctx.save_for_backward(x_centered, W_enc, indices)
-        ctx.b_shape = b_enc.shape
+        ctx.d_sae = b_enc.shape[0]
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad):
         x_centered, W_enc, indices = ctx.saved_tensors
-        flat_idx = indices.reshape(-1)
-        gx = gW = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = F.embedding_bag(indices, W_enc.T, per_sample_weights=grad.to(W_enc.dtype), mode="sum")
-        if ctx.needs_input_grad[1]:
-            gW = latent_outer_sum(indices, grad, x_centered, W_enc.shape[1]).to(W_enc.dtype).T
-        if ctx.needs_input_grad[2]:
-            gb = torch.zeros(ctx.b_shape, dtype=grad.dtype, device=grad.device).index_add_(0, flat_idx, grad.reshape(-1))
-        return gx, gW, gb, None, None
+        need_x, need_bdec, need_W, need_benc = ctx.needs_input_grad[:4]
+        grad = grad.to(W_enc.dtype)
+        gx = g_bdec = gW = gb = None
+        if need_x:
+            gx = F.embedding_bag(indices, W_enc.T, per_sample_weights=grad, mode="sum")
+        if need_W:
+            gW = latent_outer_sum(indices, grad, x_centered, ctx.d_sae).to(W_enc.dtype).T
+        if need_benc or need_bdec:
+            per_latent = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device)
+            per_latent.index_add_(0, indices.reshape(-1), grad.reshape(-1))
+            gb = per_latent if need_benc else None
+            g_bdec = -(W_enc @ per_latent) if need_bdec else None
+        return gx, g_bdec, gW, gb, None, None, None
 
 
 def latent_outer_sum(
@@ -196,16 +219,37 @@ def latent_outer_sum(
     [batch*k, d] outer products."""
     if x.dtype not in (torch.float32, torch.float64) and x.device.type == "cpu":
         return latent_outer_sum_reference(indices, weights.to(x.dtype), x, n_latents)  # no bf16 CSR on CPU (MKL)
-    flat = indices.reshape(-1)
-    order = flat.argsort()
-    counts = torch.bincount(flat, minlength=n_latents)
-    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=x.device)
-    crow[1:] = counts.cumsum(0)
-    col = torch.arange(indices.shape[0], device=x.device).repeat_interleave(indices.shape[1])[order]
+    crow, col, order = latent_csr(indices, n_latents)
     G = torch.sparse_csr_tensor(crow, col, weights.reshape(-1)[order].to(x.dtype), (n_latents, x.shape[0]),
                                 check_invariants=False)
     out = torch.empty(n_latents, x.shape[-1], dtype=x.dtype, device=x.device)
     return torch.addmm(out, G, x, beta=0, out=out)  # beta=0: the uninitialised buffer is never read (G @ x zero-fills)
+
+
+_csr_cache: tuple | None = None
+
+
+def latent_csr(indices: Int[torch.Tensor, "batch k"], n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(crow, col, order): the CSR structure of the [n_latents, batch] matrix with a non-zero at (i, b) for
+    every indices[b, j] == i, and the permutation that sorts the flattened (b, j) entries by latent.
+
+    The encoder's and the decoder's backward both need it for the same ``indices`` tensor in one step, so
+    the last result is kept (keyed by the tensor's identity and version; a weak reference, so nothing is
+    kept alive)."""
+    global _csr_cache
+    if _csr_cache is not None:
+        ref, version, n, result = _csr_cache
+        if ref() is indices and version == indices._version and n == n_latents:
+            return result
+    flat = indices.reshape(-1)
+    order = flat.argsort()
+    counts = torch.bincount(flat, minlength=n_latents)
+    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
+    crow[1:] = counts.cumsum(0)
+    col = torch.arange(indices.shape[0], device=indices.device).repeat_interleave(indices.shape[1])[order]
+    result = (crow, col, order)
+    _csr_cache = (weakref.ref(indices), indices._version, n_latents, result)
+    return result
 
 
 def latent_outer_sum_reference(indices, weights, x, n_latents):
@@ -215,13 +259,20 @@ def latent_outer_sum_reference(indices, weights, x, n_latents):
 
 
 def selected_pre(
-    x_centered: Float[torch.Tensor, "batch d_in"],
+    x: Float[torch.Tensor, "batch d_in"],
+    b_dec: Float[torch.Tensor, " d_in"] | None,
     indices: Int[torch.Tensor, "batch k"],
     W_enc: Float[torch.Tensor, "d_in d_sae"],
     b_enc: Float[torch.Tensor, " d_sae"],
     pre: Float[torch.Tensor, "batch d_sae"] | None,
+    x_centered: Float[torch.Tensor, "batch d_in"] | None = None,
 ) -> Float[torch.Tensor, "batch k"]:
-    """The chosen pre-activations with a sparse backward. Values come from ``pre`` (the exact selection GEMM)
-    or, when ``pre`` is None (a bf16 selection), are recomputed exactly by :func:`exact_pre_at`."""
+    """The chosen pre-activations ``(x - b_dec) @ W_enc[:, i] + b_enc[i]`` with a sparse backward (``b_dec``
+    None: no centring). Values come from ``pre`` (the exact selection GEMM) or, when ``pre`` is None (a bf16
+    selection), are recomputed exactly by :func:`exact_pre_at`. ``x_centered``: ``x - b_dec`` if the caller
+    has it already."""
+    if x_centered is None:
+        with torch.no_grad():
+            x_centered = x - b_dec if b_dec is not None else x
     values = exact_pre_at(x_centered, indices, W_enc, b_enc) if pre is None else pre.gather(-1, indices)
-    return _SelectedPre.apply(x_centered, W_enc, b_enc, indices, values)
+    return _SelectedPre.apply(x, b_dec, W_enc, b_enc, indices, values, x_centered.detach())

@@ -225,10 +225,14 @@ class SAE(nn.Module):
         return buf
 
     def center(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_in"]:
+        x, b_dec = self._input(x)
+        return x - b_dec if b_dec is not None else x
+
+    def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` in the weights' dtype (width checked), and the b_dec to subtract from it (None: none)."""
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(f"input width {x.shape[-1]} does not match the SAE's d_in={self.cfg.d_in}")
-        x = x.to(self.W_enc.dtype)
-        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        return x.to(self.W_enc.dtype), (self.b_dec if self.cfg.apply_b_dec_to_input else None)
 
     def encode_pre(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
         """All pre-activations ``(x - b_dec) @ W_enc + b_enc``, differentiable (dense)."""
@@ -239,10 +243,10 @@ class SAE(nn.Module):
     ) -> Float[torch.Tensor, "batch k"]:
         """Differentiable pre-activations of the given latents only. ``pre``: the exact dense pre-activations
         if already computed (their values are reused; the backward is sparse either way)."""
-        xc = self.center(x)
         if not kernels_enabled():
-            return (xc @ self.W_enc + self.b_enc).gather(-1, indices)
-        return selected_pre(xc, indices, self.W_enc, self.b_enc, None if self.bf16_select else pre)
+            return (self.center(x) @ self.W_enc + self.b_enc).gather(-1, indices)
+        x, b_dec = self._input(x)
+        return selected_pre(x, b_dec, indices, self.W_enc, self.b_enc, None if self.bf16_select else pre)
 
     def gsae_scores(
         self,
@@ -280,10 +284,13 @@ class SAE(nn.Module):
         from the k chosen encoder columns, so gradients touch only those. Reference path
         (``SAE_LENS_ATTN_KERNELS=reference``): dense autograd through the full pre-activation matrix.
         """
-        xc = self.center(x)
         if kernels_enabled():
+            x, b_dec = self._input(x)
+            with torch.no_grad():
+                xc = x - b_dec if b_dec is not None else x
             pre = dense_pre(xc, self.W_enc, self.b_enc, bf16=self.bf16_select, out=self._pre_buffer(xc))
         else:
+            xc = self.center(x)
             pre = xc @ self.W_enc + self.b_enc
         k = self.cfg.k
         if self.cfg.selection == "gsae" and grad is not None:
@@ -295,7 +302,9 @@ class SAE(nn.Module):
         if not kernels_enabled():
             values = pre.gather(-1, indices).relu()
         else:  # after a bf16 selection the kept values are recomputed in the weights' dtype
-            values = selected_pre(xc, indices, self.W_enc, self.b_enc, None if self.bf16_select else pre).relu()
+            values = selected_pre(
+                x, b_dec, indices, self.W_enc, self.b_enc, None if self.bf16_select else pre, x_centered=xc
+            ).relu()
         return EncodeOutput(values, indices, pre, rule)
 
     def encode_dense(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:

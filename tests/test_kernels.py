@@ -113,3 +113,21 @@ def test_sparse_step_matches_reference_with_two_level_topk(monkeypatch):
         grads[mode] = {n: p.grad.clone() for n, p in sae.named_parameters()} | {"x_hat": out.x_hat.detach()}
     for name, ref in grads["reference"].items():
         assert (grads["auto"][name] - ref).abs().max() <= 1e-5 * ref.abs().max(), name
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_input_and_b_dec_gradients_match_reference(monkeypatch, apply_b_dec):
+    """b_dec's gradient comes from a matrix-vector product and x's from embedding_bag; both against autograd."""
+    got = {}
+    for mode in ("reference", "auto"):
+        monkeypatch.setenv("SAE_LENS_ATTN_KERNELS", mode)
+        sae = SAE(SAEConfig(d_in=24, d_sae=2048, k=8, apply_b_dec_to_input=apply_b_dec), init=False)
+        sae.reset_parameters(torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            sae.b_dec.normal_(0, 0.3, generator=torch.Generator().manual_seed(8))
+        x = torch.randn(200, 24, generator=torch.Generator().manual_seed(9)).requires_grad_()
+        out = sae(x)
+        (out.x_hat.pow(2).sum() + out.code.values.sum()).backward()
+        got[mode] = {"x": x.grad, "b_dec": sae.b_dec.grad, "W_enc": sae.W_enc.grad, "b_enc": sae.b_enc.grad}
+    for name, ref in got["reference"].items():
+        assert (got["auto"][name] - ref).abs().max() <= 1e-5 * ref.abs().max(), name
