@@ -27,7 +27,7 @@ Rows (``--tools``; default: all but the optional ones):
 * ``ours-reference``: the same with ``SAE_LENS_ATTN_KERNELS=reference`` (dense autograd twin);
 * ``ours-bf16``: the same with ``bf16_select=True`` (selection GEMM in bf16);
 * optional: ``ours-gsae`` (g-SAE step, random gradients), ``ours-auxk`` (half the latents dead: the AuxK
-  path), ``gemm-alloc`` (the GEMM with a fresh output each call), ``gemm-bf16`` (bf16 GEMM floor).
+  path over gathered rows), ``ours-auxk-few`` (5% dead: AuxK as dense GEMMs over the dead columns), ``gemm-alloc`` (the GEMM with a fresh output each call), ``gemm-bf16`` (bf16 GEMM floor).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ TOOLS: dict[str, tuple[str, str, list[str]]] = {
     # optional rows
     "ours-gsae": ("ours", "ours_step.py", ["--selection", "gsae", "--tool-name", "ours-gsae"]),
     "ours-auxk": ("ours", "ours_step.py", ["--dead-fraction", "0.5", "--tool-name", "ours-auxk"]),
+    "ours-auxk-few": ("ours", "ours_step.py", ["--dead-fraction", "0.05", "--tool-name", "ours-auxk-few"]),
     "gemm-alloc": ("ours", "gemm_floor.py", ["--alloc", "--tool-name", "gemm-alloc"]),
     "gemm-bf16": ("ours", "gemm_floor.py", ["--dtype", "bfloat16", "--tool-name", "gemm-bf16"]),
 }

@@ -4,9 +4,10 @@ Calls ``sae_lens_attn.training.trainer.SiteState(sae, OptimConfig(...)).step(Sit
 per-site body of ``Trainer.fit``:
 
 * forward: ``SAE.forward`` -> ``SAE.encode`` (selection GEMM outside autograd, TopK, the k kept values
-  with a sparse CSR backward; ``kernels.selected_pre``) and ``SAE.decode`` (``embedding_bag``);
+  with a sparse CSR backward; ``kernels.selected_pre``) and ``SAE.decode`` (``embedding_bag``, CSR backward);
 * loss: normalised MSE (FVU) plus ``auxk_alpha`` * AuxK over dead latents;
-* ``loss.backward()``, ``remove_parallel_decoder_grad``, Adam step (torch.optim.Adam), ``normalize_decoder``;
+* ``loss.backward()``, ``remove_parallel_decoder_grad``, Adam step (``LayoutAwareAdam``: torch's fused Adam),
+  ``normalize_decoder``;
 * dead-latent and firing-count bookkeeping, ``.item()`` of the stats.
 
 AuxK: it is live code in every step, but only fires once some latent has not fired for

@@ -92,3 +92,38 @@ def test_nan_batch_stops_with_message_naming_last_checkpoint(tmp_path):
     with pytest.raises(NonFiniteActivationError, match="step_00000010"):
         tr.fit(stream())
     assert latest_checkpoint(tmp_path).name == "step_00000010"
+
+
+@pytest.mark.parametrize("auxk_k,n_dead", [(16, 40), (2, 300)])  # dense-over-dead path, then the sparse one
+def test_auxk_reconstruction_matches_masked_topk_definition(auxk_k, n_dead):
+    from sae_lens_attn.training.trainer import SiteState
+
+    gen = torch.Generator().manual_seed(11)
+    sae = SAE(SAEConfig(d_in=24, d_sae=512, k=8), init=False)
+    sae.reset_parameters(gen)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.2, generator=gen)
+        sae.b_dec.normal_(0, 0.2, generator=gen)
+    state = SiteState(sae, OptimConfig(auxk_k=auxk_k))
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[torch.randperm(512, generator=gen)[:n_dead]] = True
+    x = torch.randn(64, 24, generator=gen)
+
+    def grads(fn):
+        sae.zero_grad(set_to_none=True)
+        out = fn()
+        out.pow(2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+    pre = sae.encode(x).pre
+    got = grads(lambda: state._auxk_reconstruction(x, pre, dead, n_dead))
+
+    def reference():
+        full = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        idx = full.detach().masked_fill(~dead, float("-inf")).topk(min(auxk_k, n_dead), dim=-1).indices
+        return torch.einsum("bk,bkd->bd", full.gather(1, idx).relu(), sae.W_dec[idx])
+
+    want = grads(reference)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for name, g in want[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5, msg=name)

@@ -44,7 +44,7 @@ from sae_lens_attn import __version__
 from sae_lens_attn.activations import NonFiniteActivationError, SiteBatch
 from sae_lens_attn.files import atomic_write, fsync_dir
 from sae_lens_attn.interop import check_version
-from sae_lens_attn.kernels import sparse_decode
+from sae_lens_attn.kernels import sparse_decode, topk_indices
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 
@@ -211,10 +211,7 @@ class SiteState:
         aux_var = torch.zeros(1, dtype=f64, device=x.device)
         aux_num = torch.zeros((), device=x.device, dtype=x.dtype)
         if use_aux:
-            k_aux = min(self.auxk_k, n_dead)
-            masked = out.code.pre.detach().masked_fill(~dead, float("-inf"))
-            idx = masked.topk(k_aux, dim=-1, sorted=False).indices
-            e_hat = sparse_decode(sae.pre_at(x, idx, out.code.pre).relu(), idx, sae.W_dec)
+            e_hat = self._auxk_reconstruction(x, out.code.pre, dead, n_dead)
             aux_var = (e.to(f64) - s2[1:] / n).pow(2).sum().reshape(1)
             aux_num = (e - e_hat).pow(2).sum()
         # (3) the residual's variance, and whether any rank's loss is non-finite (all ranks stop together).
@@ -245,6 +242,28 @@ class SiteState:
             n_active, fvu_g, auxk_g = s4[sae.cfg.d_sae :].tolist()
         loss_g = fvu_g + (self.cfg.auxk_alpha * auxk_g if use_aux else 0.0)
         return StepStats(loss_g, fvu_g, auxk_g, n_active / n, n_dead / sae.cfg.d_sae)
+
+    def _auxk_reconstruction(self, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, n_dead: int) -> torch.Tensor:
+        """The AuxK reconstruction of the residual: each row's ``auxk_k`` dead latents with the largest
+        pre-activations, ReLU'd and decoded (differentiable).
+
+        Only the dead columns of ``pre`` are searched (a [batch, n_dead] gather instead of masking the whole
+        [batch, d_sae] matrix). While few latents are dead, their pre-activations and the decoding are dense
+        GEMMs over the dead columns alone (six [batch, d_in] x [d_in, n_dead]-sized products with backward,
+        cheap next to gathering batch * auxk_k rows); with many dead latents, the sparse gather path.
+        """
+        sae = self.sae
+        k_aux = min(self.auxk_k, n_dead)
+        dead_idx = dead.nonzero().squeeze(1)
+        pos = topk_indices(pre.detach().index_select(1, dead_idx), k_aux)  # [batch, k_aux] among the dead
+        if n_dead <= 16 * k_aux:
+            # rows of W_enc.T (its contiguous storage), so the gradient keeps W_enc's column-major layout
+            enc_rows = sae.W_enc.T.index_select(0, dead_idx)  # [n_dead, d_in]
+            pre_dead = sae.center(x) @ enc_rows.T + sae.b_enc.index_select(0, dead_idx)
+            code = torch.zeros_like(pre_dead).scatter(1, pos, pre_dead.gather(1, pos).relu())
+            return code @ sae.W_dec.index_select(0, dead_idx)
+        idx = dead_idx[pos]
+        return sparse_decode(sae.pre_at(x, idx, pre).relu(), idx, sae.W_dec)
 
     def _reduce_grads(self) -> None:
         """Sum the gradients over the data-parallel ranks (one flat buffer, one collective)."""
