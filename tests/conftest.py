@@ -36,6 +36,13 @@ def make_tokenizer(vocab_size: int = 300):
     )
 
 
+def random_rows(model, rows: int, n: int, seed: int = 0) -> torch.Tensor:
+    """[rows, n] seeded random token ids (never 0) with BOS at position 0."""
+    t = torch.randint(1, model.cfg.d_vocab, (rows, n), generator=torch.Generator().manual_seed(seed))
+    t[:, 0] = model.tokenizer.bos_token_id
+    return t
+
+
 def make_tiny_model(path, arch: str = "gpt_neox", seed: int = 0) -> str:
     """A random 2-layer model in Hugging Face format: the same files a hub download gives."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM

@@ -1,6 +1,8 @@
 """Circuits: IOI prompts from the model's tokenizer, logit difference, the SAE spliced in with its error term,
 zero/mean ablation, noising from a corrupted prompt, and attribution patching."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -21,6 +23,8 @@ from sae_lens_attn.analysis.circuits import (
     top_features,
 )
 
+from .conftest import random_rows
+
 ARCHS = ["tiny_neox", "tiny_gpt2", "default_model"]
 
 
@@ -33,11 +37,7 @@ def _sae(site: Site, cfg, d_sae=64, k=8, seed=0) -> SAE:
     return sae.requires_grad_(False)
 
 
-def _tokens(model, rows=2, n=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(1, model.cfg.d_vocab, (rows, n), generator=g)
-    t[:, 0] = model.tokenizer.bos_token_id
-    return t
+_tokens = partial(random_rows, rows=2, n=10)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from sae_lens_attn import SAE, SAEConfig, Site
 from sae_lens_attn.analysis.dashboard import PLOTLY_FILE, DashboardConfig, write_dashboards
 from sae_lens_attn.analysis.features import StatsConfig, feature_stats
 
+from .conftest import random_rows
+
 VOID = {"meta", "br", "img", "input", "link", "hr"}
 
 
@@ -46,9 +48,7 @@ def _sae(site: Site, cfg, seed=0) -> SAE:
 def made(tiny_neox, tmp_path_factory):
     model = tiny_neox
     sae = _sae(Site(1), model.cfg)
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(1, model.cfg.d_vocab, (6, 16), generator=g)
-    rows[:, 0] = model.tokenizer.bos_token_id
+    rows = random_rows(model, 6, 16)
     with torch.no_grad():
         sae.b_enc[23] = -1e4  # never fires
     stats = feature_stats(model, sae, rows, cfg=StatsConfig(n_top=4, n_samples=8, ctx_left=5, ctx_right=2))
@@ -94,8 +94,7 @@ def test_dead_feature_and_index(made):
 
 def test_shared_plotly_file_mode_and_attn_out_sae(tiny_neox, tmp_path):
     sae = _sae(Site(1, "attn_out"), tiny_neox.cfg)
-    rows = torch.randint(1, tiny_neox.cfg.d_vocab, (3, 12), generator=torch.Generator().manual_seed(1))
-    rows[:, 0] = tiny_neox.tokenizer.bos_token_id
+    rows = random_rows(tiny_neox, 3, 12, seed=1)
     stats = feature_stats(tiny_neox, sae, rows)
     f = int(stats.fire_count.argmax())
     files = write_dashboards(tiny_neox, sae, stats, tmp_path, [f], cfg=DashboardConfig(plotlyjs="file"))

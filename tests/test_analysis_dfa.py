@@ -2,12 +2,16 @@
 position it sums exactly to the head's term, on GPT-NeoX and GPT-2 bridges (nonzero biases) and the embedded
 model."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from sae_lens_attn import SAE, SAEConfig, Site
 from sae_lens_attn.activations import harvest
 from sae_lens_attn.analysis.dfa import dfa, dfa_by_source, head_fractions
+
+from .conftest import random_rows
 
 SITES = [Site(1), Site(1, head=2), Site(1, "attn_out"), Site(0)]
 
@@ -24,11 +28,7 @@ def _sae(site: Site, cfg, d_sae=64, seed=0) -> SAE:
     return sae.requires_grad_(False)
 
 
-def _tokens(model, rows=2, n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(1, model.cfg.d_vocab, (rows, n), generator=g)
-    t[:, 0] = model.tokenizer.bos_token_id
-    return t
+_tokens = partial(random_rows, rows=2, n=12)
 
 
 def _close(a, b, scale):

@@ -1,6 +1,8 @@
 """Streamed feature statistics against a brute-force pass over all tokens, and logit effects against a hand
 computation."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ from sae_lens_attn.analysis.features import (
     logit_weights,
 )
 
+from .conftest import random_rows
+
 
 def _sae(site: Site, cfg, d_sae=24, k=4, seed=0) -> SAE:
     g = torch.Generator().manual_seed(seed)
@@ -25,11 +29,7 @@ def _sae(site: Site, cfg, d_sae=24, k=4, seed=0) -> SAE:
     return sae.requires_grad_(False)
 
 
-def _rows(model, n_rows=10, n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(1, model.cfg.d_vocab, (n_rows, n), generator=g)
-    t[:, 0] = model.tokenizer.bos_token_id
-    return t
+_rows = partial(random_rows, rows=10, n=16)
 
 
 @pytest.fixture(scope="module")

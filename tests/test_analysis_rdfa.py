@@ -2,6 +2,8 @@
 upstream components (embeddings, each upstream head, b_O, MLPs, LayerNorm bias and b_V), and one step further
 into the upstream heads' own source positions or an upstream SAE's features plus its error term."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ from sae_lens_attn.analysis.rdfa import (
     residual_components,
     top_terms,
 )
+
+from .conftest import random_rows
 
 
 def _sae(site: Site, cfg, d_sae=32, seed=0) -> SAE:
@@ -28,11 +32,7 @@ def _sae(site: Site, cfg, d_sae=32, seed=0) -> SAE:
     return sae.requires_grad_(False)
 
 
-def _tokens(model, n=14, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(1, model.cfg.d_vocab, (1, n), generator=g)
-    t[:, 0] = model.tokenizer.bos_token_id
-    return t
+_tokens = partial(random_rows, rows=1, n=14)
 
 
 def _close(a, b):

@@ -16,6 +16,8 @@ from sae_lens_attn import SAE, SAEConfig, Site
 from sae_lens_attn.analysis.dashboard import write_dashboards
 from sae_lens_attn.analysis.features import StatsConfig, feature_stats
 
+from .conftest import random_rows
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -83,8 +85,7 @@ def pages(tiny_neox, tmp_path_factory):
     model = tiny_neox
     sae = SAE(SAEConfig(d_in=32, d_sae=16, k=4, metadata={"hook_name": Site(1).hook_name}), init=False)
     sae.reset_parameters(torch.Generator().manual_seed(0))
-    rows = torch.randint(1, model.cfg.d_vocab, (8, 24), generator=torch.Generator().manual_seed(0))
-    rows[:, 0] = model.tokenizer.bos_token_id
+    rows = random_rows(model, 8, 24)
     stats = feature_stats(model, sae, rows, cfg=StatsConfig(n_top=6))
     feature = int(stats.fire_count.argmax())
     out = tmp_path_factory.mktemp("browser")

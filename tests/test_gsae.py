@@ -1,5 +1,7 @@
 """g-SAE (Olmo et al. 2024): gradients at sites, the selection rule, and many sites from one pass."""
 
+from functools import partial
+
 import torch
 
 from sae_lens_attn.activations import activation_batches, harvest
@@ -7,11 +9,9 @@ from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site
 from sae_lens_attn.training.trainer import OptimConfig, Trainer
 
+from .conftest import random_rows
 
-def _tokens(model, rows=3, n=16, seed=0):
-    toks = torch.randint(1, model.cfg.d_vocab, (rows, n), generator=torch.Generator().manual_seed(seed))
-    toks[:, 0] = model.tokenizer.bos_token_id
-    return toks
+_tokens = partial(random_rows, rows=3, n=16)
 
 
 def test_site_gradients_equal_autograd_of_separately_computed_loss(tiny_neox):

@@ -1,17 +1,16 @@
 """Hook sites against a manual computation from W_V and the attention pattern, on two architectures."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from sae_lens_attn.activations import harvest, splice
 from sae_lens_attn.sites import Site
 
+from .conftest import random_rows
 
-def _tokens(model, rows=2, n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    toks = torch.randint(1, model.cfg.d_vocab, (rows, n), generator=g)
-    toks[:, 0] = model.tokenizer.bos_token_id
-    return toks
+_tokens = partial(random_rows, rows=2, n=12)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_neox", "tiny_gpt2"])
