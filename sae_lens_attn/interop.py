@@ -43,6 +43,7 @@ from .sae import (
     EncodeOutput,
     SAEConfig,
     SAEFileError,
+    read_cfg_json,
     version_tuple,  # noqa: F401  (re-exported)
 )
 from .sites import Site
@@ -74,18 +75,6 @@ _PRE6_METADATA_KEYS = (
 # --------------------------------------------------------------------------------------------- versions
 
 
-def _read_cfg(f: Path) -> dict[str, Any]:
-    if not f.exists():
-        raise SAEFileError(f"{f.parent} is not an SAE directory: {f.name} is missing")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SAEFileError(f"{f}: not valid JSON ({err}); the file is truncated or corrupted") from err
-    if not isinstance(d, dict):
-        raise SAEFileError(f"{f}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
 def check_version(path: str | os.PathLike, cfg: Mapping[str, Any] | None = None) -> None:
     """Refuse an SAE written by a newer sae_lens_attn (``metadata.sae_lens_attn_version`` > ours).
 
@@ -93,7 +82,7 @@ def check_version(path: str | os.PathLike, cfg: Mapping[str, Any] | None = None)
     """
     path = Path(path)
     f = path if path.suffix == ".json" else path / CFG_FILENAME
-    d = dict(cfg) if cfg is not None else _read_cfg(f)
+    d = dict(cfg) if cfg is not None else read_cfg_json(f)
     meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
     theirs = meta.get("sae_lens_attn_version", d.get("sae_lens_attn_version"))
     if theirs is None:
@@ -270,7 +259,7 @@ def _read_tensors(f: Path) -> dict[str, torch.Tensor]:
 def _kissane_cfg(pt: Path) -> dict[str, Any]:
     """Kissane et al.'s ``<name>_cfg.json`` as a SAELens v6 config (as SAELens' connor_rob_hook_z loader)."""
     f = pt.with_name(pt.name[: -len(".pt")] + "_cfg.json")
-    old = _read_cfg(f)
+    old = read_cfg_json(f)
     missing = [k for k in ("act_size", "dict_size", "act_name") if k not in old]
     if missing:
         raise SAEFileError(f"{f}: missing field(s) {missing} of a Kissane et al. attention-SAE config")
@@ -297,7 +286,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device | None = None) 
         raw, weights_file, source = _kissane_cfg(path), path, str(path.with_name(path.stem + "_cfg.json"))
     else:
         cfg_file = path / CFG_FILENAME
-        raw, source = _read_cfg(cfg_file), str(cfg_file)
+        raw, source = read_cfg_json(cfg_file), str(cfg_file)
         check_version(path, raw)
         weights_file = path / WEIGHTS_FILENAME
     d = normalise_saelens_cfg(raw, source)

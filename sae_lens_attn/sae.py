@@ -411,15 +411,20 @@ class SAE(nn.Module):
 
 def read_config(path: Path) -> SAEConfig:
     f = path / CFG_FILENAME
+    return SAEConfig.from_saelens_dict(read_cfg_json(f), str(f))
+
+
+def read_cfg_json(f: Path) -> dict[str, Any]:
+    """An SAE directory's ``cfg.json`` as a dict, with an error naming the file for every way it can be bad."""
     if not f.exists():
-        raise SAEFileError(f"{path} is not an SAE directory: {CFG_FILENAME} is missing")
+        raise SAEFileError(f"{f.parent} is not an SAE directory: {f.name} is missing")
     try:
         d = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SAEFileError(f"{f}: not valid JSON ({err})") from err
+        raise SAEFileError(f"{f}: not valid JSON ({err}); the file is truncated or corrupted") from err
     if not isinstance(d, dict):
-        raise SAEFileError(f"{f}: expected a JSON object")
-    return SAEConfig.from_saelens_dict(d, str(f))
+        raise SAEFileError(f"{f}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _read_safetensors(f: Path) -> dict[str, torch.Tensor]:
