@@ -27,7 +27,12 @@ Rows (``--tools``; default: all but the optional ones):
 * ``ours-reference``: the same with ``SAE_LENS_ATTN_KERNELS=reference`` (dense autograd twin);
 * ``ours-bf16``: the same with ``bf16_select=True`` (selection GEMM in bf16);
 * optional: ``ours-gsae`` (g-SAE step, random gradients), ``ours-auxk`` (half the latents dead: the AuxK
-  path over gathered rows), ``ours-auxk-few`` (5% dead: AuxK as dense GEMMs over the dead columns), ``gemm-alloc`` (the GEMM with a fresh output each call), ``gemm-bf16`` (bf16 GEMM floor).
+  path over gathered rows), ``ours-auxk-few`` (5% dead: AuxK as dense GEMMs over the dead columns),
+  ``gemm-alloc`` (the GEMM with a fresh output each call), ``gemm-bf16`` (bf16 GEMM floor);
+* allocator rows: our trainer tells glibc to keep freed large blocks (``kernels.keep_freed_host_memory``;
+  otherwise every 75-400 MB block of a step comes back as fresh pages). ``ours-default-malloc`` turns that
+  off (``SAE_LENS_ATTN_MALLOC=default``); ``saelens-sparse-malloc`` and ``sparsify-malloc`` give the peers
+  the same setting from outside (``GLIBC_TUNABLES``), so the allocator's share of any ratio is visible.
 """
 
 from __future__ import annotations
@@ -65,14 +70,27 @@ TOOLS: dict[str, tuple[str, str, list[str]]] = {
     "ours-auxk-few": ("ours", "ours_step.py", ["--dead-fraction", "0.05", "--tool-name", "ours-auxk-few"]),
     "gemm-alloc": ("ours", "gemm_floor.py", ["--alloc", "--tool-name", "gemm-alloc"]),
     "gemm-bf16": ("ours", "gemm_floor.py", ["--dtype", "bfloat16", "--tool-name", "gemm-bf16"]),
+    "ours-default-malloc": ("ours", "ours_step.py", ["--tool-name", "ours-default-malloc"]),
+    "saelens-sparse-malloc": ("saelens", "peers/saelens_step.py", ["--sparse-activations", "--no-rescale"]),
+    "sparsify-malloc": ("sparsify", "peers/sparsify_step.py", []),
+}
+#: glibc keeps freed large blocks instead of unmapping them (what ``kernels.keep_freed_host_memory`` asks
+#: for in our trainer), set from outside the process for the peers.
+_KEEP_FREED = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"}
+#: extra environment per row
+TOOL_ENV: dict[str, dict[str, str]] = {
+    "ours-default-malloc": {"SAE_LENS_ATTN_MALLOC": "default"},
+    "saelens-sparse-malloc": _KEEP_FREED,
+    "sparsify-malloc": _KEEP_FREED,
 }
 DEFAULT_TOOLS = ["gemm", "saelens", "saelens-sparse", "sparsify", "ours", "ours-reference", "ours-bf16"]
 
 #: (label, numerator tool, denominator tool, target, higher_is_better)
-#: "ours vs X" is X's time / our time (a speed-up); "ours / GEMM" is our time / the floor's.
+#: "ours vs X" is X's time / our time (a speed-up); "ours / GEMM" is our time / the floor's. ``name*``: the
+#: fastest row of that peer (e.g. SAELens' sparse mode with the tuned allocator, if it was run).
 TARGETS = [
     ("ours vs SAELens (speed-up)", "saelens*", "ours", 4.0, True),
-    ("ours vs sparsify (speed-up)", "sparsify", "ours", 1.3, True),
+    ("ours vs sparsify (speed-up)", "sparsify*", "ours", 1.3, True),
     ("ours / GEMM floor (slow-down)", "ours", "gemm", 1.4, False),
 ]
 
@@ -97,6 +115,9 @@ def run_one(tool: str, d_sae: int, args) -> dict:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     env.pop("SAE_LENS_ATTN_KERNELS", None)  # each row sets its own
+    env.pop("SAE_LENS_ATTN_MALLOC", None)
+    env.pop("GLIBC_TUNABLES", None)
+    env.update(TOOL_ENV.get(tool, {}))
     if key != "ours":
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
@@ -174,7 +195,7 @@ def ratios(summary: dict) -> dict:
                 if "median_s" in v and (t.startswith("saelens") or t.startswith("sparsify")):
                     rs.append({"label": f"{t} / ours", "numerator": t, "denominator": "ours",
                                "value": v["median_s"] / ours[1], "target": None, "pass": None})
-            for t in ("ours-bf16", "ours-reference"):
+            for t in ("ours-bf16", "ours-reference", "ours-default-malloc"):
                 if t in per and "median_s" in per[t]:
                     rs.append({"label": f"{t} / ours", "numerator": t, "denominator": "ours",
                                "value": per[t]["median_s"] / ours[1], "target": None, "pass": None})

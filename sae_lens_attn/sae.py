@@ -22,7 +22,7 @@ from torch import nn
 
 from . import __version__
 from .files import atomic_write
-from .kernels import dense_pre, kernels_enabled, selected_pre, sparse_decode, topk_indices
+from .kernels import dense_pre, kernels_enabled, rowwise_dot, selected_pre, sparse_decode, topk_indices
 
 Selection = Literal["topk", "gsae"]
 CFG_FILENAME = "cfg.json"
@@ -345,7 +345,7 @@ class SAE(nn.Module):
         if self.W_dec.grad is None:
             return
         g = self.W_dec.grad
-        parallel = torch.einsum("ij,ij->i", g, self.W_dec)  # row-wise dot products, no [d_sae, d_in] temporary
+        parallel = rowwise_dot(g, self.W_dec)
         g.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1.0)
 
     # --- checking -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from sae_lens_attn.kernels import (
     TOPK_GROUP,
     gathered_dots,
+    rowwise_dot,
     sparse_decode,
     sparse_decode_reference,
     topk_indices,
@@ -131,3 +132,45 @@ def test_input_and_b_dec_gradients_match_reference(monkeypatch, apply_b_dec):
         got[mode] = {"x": x.grad, "b_dec": sae.b_dec.grad, "W_enc": sae.W_enc.grad, "b_enc": sae.b_enc.grad}
     for name, ref in got["reference"].items():
         assert (got["auto"][name] - ref).abs().max() <= 1e-5 * ref.abs().max(), name
+
+
+@pytest.mark.parametrize("n", [7, 256, 1000])  # below, at and above one block, with a partial last block
+def test_rowwise_dot_matches_definition(n, monkeypatch):
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, 33, generator=g), torch.randn(n, 33, generator=g)
+    want = (a.double() * b.double()).sum(1).float()
+    torch.testing.assert_close(rowwise_dot(a, b), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("SAE_LENS_ATTN_KERNELS", "reference")
+    torch.testing.assert_close(rowwise_dot(a, b), want, rtol=1e-5, atol=1e-5)
+
+
+_FAULTS = """
+import resource, sys, torch
+from sae_lens_attn.kernels import keep_freed_host_memory
+tuned = keep_freed_host_memory()
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(100 << 18).fill_(1.0)  # 100 MiB, written, freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(tuned, faults())
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc malloc only")
+def test_keep_freed_host_memory_stops_page_faults_on_reallocation():
+    """A freed 100 MiB block comes back without fresh pages once tuned (glibc's default unmaps it:
+    ~25,600 faults per reallocation); SAE_LENS_ATTN_MALLOC=default leaves malloc alone."""
+    import os
+    import subprocess
+    import sys
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    tuned, faults = run({"SAE_LENS_ATTN_MALLOC": "auto"})
+    untouched, faults_default = run({"SAE_LENS_ATTN_MALLOC": "default"})
+    assert tuned and not untouched
+    assert faults < 2_000 < 20_000 < faults_default, (faults, faults_default)

@@ -94,6 +94,21 @@ def test_nan_batch_stops_with_message_naming_last_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000010"
 
 
+@pytest.mark.parametrize("bad", [[float("inf"), float("-inf")], [float("inf")], [float("nan"), 1.0]])
+def test_non_finite_values_are_counted_even_when_a_column_sum_hides_their_sign(bad):
+    """+inf and -inf in one column sum to NaN, a lone inf to inf: either way the step refuses the batch and
+    counts the bad values themselves."""
+    from sae_lens_attn.training.trainer import SiteState
+
+    state = SiteState(make(8, 32, 2), OptimConfig(steps=5, warmup_steps=0))
+    x = torch.randn(16, 8)
+    x[: len(bad), 3] = torch.tensor(bad)
+    n_bad = int((~torch.isfinite(x)).sum())
+    with pytest.raises(NonFiniteActivationError, match=rf"step 4: {n_bad} non-finite value\(s\); "):
+        state.step(SiteBatch(x, None), 4)
+    state.step(SiteBatch(torch.randn(16, 8), None), 4)  # a good batch after it still trains
+
+
 @pytest.mark.parametrize("auxk_k,n_dead", [(16, 40), (2, 300)])  # dense-over-dead path, then the sparse one
 def test_auxk_reconstruction_matches_masked_topk_definition(auxk_k, n_dead):
     from sae_lens_attn.training.trainer import SiteState
