@@ -1,7 +1,8 @@
 """One model pass feeds many sites: activations (and optionally dL/d activation) as flat token batches.
 
 * :func:`harvest` runs the model once on token rows and returns every requested site's activations as
-  ``[rows, pos, d_in]``, stopping after the last requested layer when no gradient is needed.
+  ``[rows, pos, d_in]``. When no gradient is needed the pass stops as soon as the last requested hook has
+  fired (the rest of that layer, the later layers, the final norm and the unembedding never run).
 * With ``with_grad=True`` it also returns ``dL/dx`` at each site for the summed next-token cross-entropy,
   the model's parameters untouched (they are frozen by ``load_model``) and the gradients detached.
 * :func:`activation_batches` turns token rows into shuffled ``[batch, d_in]`` batches for training, with
@@ -34,6 +35,10 @@ class Harvest(NamedTuple):
     """dL/dx at each site (L: next-token CE summed over positions), or None."""
     mask: torch.Tensor
     """[rows, pos] True where the token is kept (not BOS, when BOS is dropped)."""
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook of a gradient-free harvest to end the model's forward pass there."""
 
 
 class SiteBatch(NamedTuple):
@@ -72,6 +77,7 @@ def harvest(
     hook_names = sorted({s.hook_name for s in sites})
     raw: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
+    wanted = set(hook_names)
 
     def capture(tensor: torch.Tensor, hook, name: str) -> torch.Tensor | None:
         # ``hook.name`` may be the canonical name of an alias (hook_z is o.hook_in in the bridge): key by ours.
@@ -83,6 +89,11 @@ def harvest(
             raw[name] = tensor.detach()
             return tensor + delta
         raw[name] = tensor.detach()
+        if wanted.issubset(raw):
+            # Everything is captured. TransformerBridge's ``stop_at_layer`` still runs the whole last layer
+            # and, at the model's last layer, the unembedding ([tokens, d_model] x [d_model, vocab], a third
+            # of a GPT-2-small pass); ending the pass here skips all of it.
+            raise _StopForward
         return None
 
     fwd = [(name, functools.partial(capture, name=name)) for name in hook_names]
@@ -94,7 +105,10 @@ def harvest(
                 grads_raw = dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values())), strict=True))
         else:
             with torch.inference_mode():
-                model(tokens, return_type=None, stop_at_layer=max(s.layer for s in sites) + 1)
+                try:
+                    model(tokens, return_type=None, stop_at_layer=max(s.layer for s in sites) + 1)
+                except _StopForward:
+                    pass
     missing = [n for n in hook_names if n not in raw]
     if missing:
         raise RuntimeError(f"hooks {missing} did not fire; the model's forward pass skipped them")

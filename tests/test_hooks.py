@@ -60,6 +60,32 @@ def test_bos_positions_are_dropped_by_default(tiny_neox):
     assert harvest(tiny_neox, toks, [Site(0)], drop_bos=False).mask.all()
 
 
+@pytest.mark.parametrize("fixture", ["tiny_neox", "tiny_gpt2"])
+def test_gradient_free_harvest_stops_after_the_last_requested_hook(fixture, request):
+    """Nothing after the last site runs (that layer's MLP, the final norm, the unembedding), the values are
+    those of a full pass, and the model is whole afterwards."""
+    model = request.getfixturevalue(fixture)
+    last = model.cfg.n_layers - 1
+    toks = _tokens(model, seed=3)
+    logits = model(toks)
+    later = [f"blocks.{last}.mlp.hook_in", "ln_final.hook_in", "unembed.hook_in"]
+    fired: dict[str, int] = dict.fromkeys(later, 0)
+    handles = [model.hook_dict[n].register_forward_hook(lambda *a, n=n: fired.__setitem__(n, fired[n] + 1))
+               for n in later]
+    try:
+        sites = [Site(0), Site(last, "attn_out"), Site(last)]
+        h = harvest(model, toks, sites)
+        assert fired == dict.fromkeys(later, 0)
+        _, cache = model.run_with_cache(toks, names_filter=[s.hook_name for s in sites])
+        assert all(fired[n] == 1 for n in later)  # the counters do see a full pass
+        for s in sites:
+            torch.testing.assert_close(h.acts[s], s.flatten(cache[s.hook_name]), rtol=0, atol=0)
+        torch.testing.assert_close(model(toks), logits, rtol=0, atol=0)  # and the model is unchanged
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _n_hooks(model):
     return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
 
