@@ -262,18 +262,19 @@ class SAE(nn.Module):
         pre-activation as the score, so ties among them break exactly as in TopK and beta = 0 reproduces
         TopK's choice latent for latent (their kept value is 0 either way).
 
-        Computed as ``max(pre, pre * (1 + beta*|e|))``, which is that rule (the factor is >= 1, so the max
-        picks the weighted score where pre > 0 and pre itself elsewhere) in one GEMM and in-place passes over
-        one [batch, d_sae] buffer (``out``, reused by trainers). The GEMM runs in ``pre``'s dtype: bf16
-        after a bf16 selection GEMM (``bf16_select``), else the weights' dtype.
+        Computed as ``max(pre, pre + pre * |beta*e|)``, which is that rule (the factor is >= 1, so the max
+        picks the weighted score where pre > 0 and pre itself elsewhere): one GEMM (beta folded into the
+        [batch, d_in] gradient, not applied to the [batch, d_sae] product) and three in-place passes over one
+        [batch, d_sae] buffer (``out``, reused by trainers). The GEMM runs in ``pre``'s dtype: bf16 after a
+        bf16 selection GEMM (``bf16_select``), else the weights' dtype.
         """
         pre = pre.detach()
         W_dec = self.W_dec.detach().to(pre.dtype)
-        g = grad.detach().to(device=pre.device, dtype=pre.dtype)
+        g = grad.detach().to(device=pre.device, dtype=pre.dtype) * self.cfg.gsae_beta
         if out is None or out.shape != pre.shape or out.dtype != pre.dtype:
             out = torch.empty_like(pre)
-        torch.mm(g, W_dec.T, out=out)
-        out.abs_().mul_(self.cfg.gsae_beta).add_(1.0).mul_(pre)
+        torch.mm(g, W_dec.T, out=out).abs_()
+        torch.addcmul(pre, pre, out, out=out)
         return torch.maximum(out, pre, out=out)
 
     def encode(self, x: Float[torch.Tensor, "batch d_in"], grad: torch.Tensor | None = None) -> EncodeOutput:
