@@ -145,32 +145,43 @@ def test_rowwise_dot_matches_definition(n, monkeypatch):
 
 
 _FAULTS = """
-import resource, sys, torch
+import resource, torch
+from sae_lens_attn.activations import SiteBatch
 from sae_lens_attn.kernels import keep_freed_host_memory
-tuned = keep_freed_host_memory()
-def faults():
+from sae_lens_attn.sae import SAE, SAEConfig
+from sae_lens_attn.training.trainer import OptimConfig, SiteState
+
+torch.manual_seed(0)
+# W_enc's and W_dec's gradients are 64 MiB each, fresh every step: above glibc's 32 MiB mmap ceiling
+state = SiteState(SAE(SAEConfig(d_in=512, d_sae=32768, k=8)), OptimConfig(steps=20, warmup_steps=0))
+x = torch.randn(256, 512)
+faults = []
+for i in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(100 << 18).fill_(1.0)  # 100 MiB, written, freed
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults()
-print(tuned, faults())
+    state.step(SiteBatch(x, None), i)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(keep_freed_host_memory(), *faults)
 """
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc malloc only")
-def test_keep_freed_host_memory_stops_page_faults_on_reallocation():
-    """A freed 100 MiB block comes back without fresh pages once tuned (glibc's default unmaps it:
-    ~25,600 faults per reallocation); SAE_LENS_ATTN_MALLOC=default leaves malloc alone."""
+def test_trainer_step_stops_page_faulting_its_large_blocks():
+    """In steady state a training step gets its 64 MiB gradients back without fresh pages once the trainer
+    has tuned malloc; with SAE_LENS_ATTN_MALLOC=default every step faults them in again (2 x 16,384 pages
+    at least)."""
     import os
+    import statistics
     import subprocess
     import sys
 
-    def run(env):
-        out = subprocess.run([sys.executable, "-c", _FAULTS], env={**os.environ, **env}, capture_output=True,
-                             text=True, check=True).stdout.split()
-        return out[0] == "True", int(out[1])
+    def run(setting):
+        env = {**os.environ, "SAE_LENS_ATTN_MALLOC": setting}
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0] == "True", [int(f) for f in out[3:]]  # after two warm-up steps
 
-    tuned, faults = run({"SAE_LENS_ATTN_MALLOC": "auto"})
-    untouched, faults_default = run({"SAE_LENS_ATTN_MALLOC": "default"})
+    tuned, faults = run("auto")
+    untouched, faults_default = run("default")
     assert tuned and not untouched
-    assert faults < 2_000 < 20_000 < faults_default, (faults, faults_default)
+    # tuned: 0-3 faults in most steps, with an occasional 16k when the heap grows once more (fragmentation)
+    assert statistics.median(faults) < 1_000 and min(faults_default) > 30_000, (faults, faults_default)
