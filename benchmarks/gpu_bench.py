@@ -9,8 +9,13 @@ renormalisation), d_in 768, k 32, batch 4096 (``--batch``), d_sae 12288 and 2457
 * ``ours-bf16-select``: fp32 parameters, selection GEMM in bf16 (``SAE.bf16_select``, the trainer's
   ``--bf16-encoder``);
 * ``ours-bf16``: bf16 parameters (``SAEConfig(dtype="bfloat16")``), everything in bf16;
+* ``ours-bf16-select-two-level``: ``ours-bf16-select`` with ``SAE_LENS_ATTN_TOPK=two_level`` (the CPU's
+  two-level top-k on the GPU; ``auto`` uses ``torch.topk`` there until this row says otherwise);
 * ``gemm-bf16`` / ``gemm-fp32``: one ``[batch, d_in] @ [d_in, d_sae]`` into a preallocated output, the floor
   measured in the same run (``ratio_to_bf16_gemm`` = step time / bf16 GEMM time).
+
+Selection rows (``select``): ``torch.topk`` against the two-level top-k alone, on a [batch, d_sae] score
+matrix in bf16 and fp32, k 32.
 
 Times are CUDA-event medians of ``--steps`` steps after ``--warmup``; peak memory is
 ``torch.cuda.max_memory_allocated`` during the step rows (minus what was allocated before the SAE).
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -74,6 +80,20 @@ def gemm_row(name: str, dtype, d_in: int, d_sae: int, batch: int, args, torch) -
     med = statistics.median(times)
     return {"tool": name, "d_sae": d_sae, "batch": batch, "median_s": med, "times_s": times,
             "tflops": 2 * batch * d_in * d_sae / med / 1e12}
+
+
+def select_rows(d_sae: int, batch: int, args, torch) -> list[dict]:
+    from sae_lens_attn.kernels import TOPK_GROUP, _topk_two_level
+
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        scores = torch.randn(batch, d_sae, device=DEV).to(dtype)
+        for name, fn in (("torch.topk", lambda s=scores: s.topk(args.k, dim=-1, sorted=False).indices),
+                         ("two-level", lambda s=scores: _topk_two_level(s, args.k, TOPK_GROUP))):
+            times = cuda_time(fn, args.warmup, max(args.steps, 10), torch)
+            out.append({"tool": f"select {name}", "dtype": str(dtype).removeprefix("torch."), "d_sae": d_sae,
+                        "batch": batch, "median_s": statistics.median(times), "times_s": times})
+    return out
 
 
 def step_row(name: str, d_in: int, d_sae: int, batch: int, args, torch, *, dtype="float32", bf16_select=False) -> dict:
@@ -155,8 +175,15 @@ def main(argv=None) -> int:
             floor = gemm_row("gemm-bf16", torch.bfloat16, args.d_in, d_sae, batch, args, torch)
             rows.append(floor)
             rows.append(gemm_row("gemm-fp32", torch.float32, args.d_in, d_sae, batch, args, torch))
+            try:
+                rows.extend(select_rows(d_sae, batch, args, torch))
+            except Exception as err:
+                errors.append({"tool": "select", "d_sae": d_sae, "batch": batch,
+                               "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]})
             for name, kw in (("ours-fp32", {}), ("ours-bf16-select", {"bf16_select": True}),
+                             ("ours-bf16-select-two-level", {"bf16_select": True}),
                              ("ours-bf16", {"dtype": "bfloat16"})):
+                os.environ["SAE_LENS_ATTN_TOPK"] = "two_level" if name.endswith("two-level") else "auto"
                 try:
                     r = step_row(name, args.d_in, d_sae, batch, args, torch, **kw)
                     r["ratio_to_bf16_gemm"] = r["median_s"] / floor["median_s"]
@@ -164,6 +191,8 @@ def main(argv=None) -> int:
                 except Exception as err:  # report and go on: one failing variant must not hide the rest
                     errors.append({"tool": name, "d_sae": d_sae, "batch": batch,
                                    "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]})
+                finally:
+                    os.environ.pop("SAE_LENS_ATTN_TOPK", None)
                 print(f"[{time.perf_counter() - t0:.0f}s] batch {batch} d_sae {d_sae} {name} done", file=sys.stderr)
     doc["step"] = rows
     doc["errors"] = errors

@@ -34,6 +34,12 @@ if [ -d "$WHEELS" ] && ! "$PY" -c 'import transformer_lens' 2>/dev/null; then
     || echo "could not install the carried wheels; the e2e part will be skipped"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the CUDA path against the CPU one first (tests/test_gpu.py; needs pytest on the image)
+if "$PY" -c 'import pytest' 2>/dev/null; then
+  timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15
+else
+  echo "pytest is not installed here: tests/test_gpu.py not run"
+fi
 timeout "${GPU_BENCH_TIMEOUT:-500}" "$PY" "$HERE/gpu_bench.py" --json "$OUTDIR/gpu_bench.json" "$@"
 rc=$?
 [ $rc -eq 124 ] && echo "gpu_bench.py timed out (GPU_BENCH_TIMEOUT=${GPU_BENCH_TIMEOUT:-500}s)"

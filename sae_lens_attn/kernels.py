@@ -165,6 +165,15 @@ def topk_indices_reference(scores: Float[torch.Tensor, "batch n"], k: int) -> In
     return scores.topk(k, dim=-1, sorted=False).indices
 
 
+def topk_mode() -> str:
+    """``SAE_LENS_ATTN_TOPK``: ``auto`` (default: two-level on a CPU, where it is measured faster, and
+    ``torch.topk`` elsewhere, where it is not yet measured), ``two_level`` (everywhere) or ``torch``."""
+    mode = os.environ.get("SAE_LENS_ATTN_TOPK", "auto").lower().replace("-", "_")
+    if mode not in ("auto", "two_level", "torch"):
+        raise ValueError(f"SAE_LENS_ATTN_TOPK={mode!r}: use auto, two_level or torch")
+    return mode
+
+
 def topk_indices(scores: Float[torch.Tensor, "batch n"], k: int) -> Int[torch.Tensor, "batch k"]:
     """The k largest entries per row (unordered), as ``torch.topk`` chooses them, about 1.5x faster on a CPU.
 
@@ -174,9 +183,10 @@ def topk_indices(scores: Float[torch.Tensor, "batch n"], k: int) -> Int[torch.Te
     is >= t: one of the k blocks with the largest maxima. ``topk`` then runs over those k * TOPK_GROUP
     candidates instead of n. The selected values are exactly torch.topk's; only which of several exactly
     tied entries is taken may differ. On CUDA, for small rows, or with ``SAE_LENS_ATTN_KERNELS=reference``
-    this is ``torch.topk`` itself.
+    this is ``torch.topk`` itself; ``SAE_LENS_ATTN_TOPK`` overrides the device rule (:func:`topk_mode`).
     """
-    if not kernels_enabled() or scores.device.type != "cpu" or scores.dim() != 2:
+    mode = topk_mode()
+    if not kernels_enabled() or scores.dim() != 2 or mode == "torch" or (mode == "auto" and scores.device.type != "cpu"):
         return topk_indices_reference(scores, k)
     with torch.no_grad():
         return _topk_two_level(scores, k, TOPK_GROUP)

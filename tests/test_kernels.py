@@ -57,6 +57,17 @@ def test_topk_reference_switch(monkeypatch):
     assert torch.equal(topk_indices(scores, 8), topk_indices_reference(scores, 8))
 
 
+def test_topk_mode_switch(monkeypatch):
+    scores = torch.randn(8, 4096, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setenv("SAE_LENS_ATTN_TOPK", "torch")
+    assert torch.equal(topk_indices(scores, 8), topk_indices_reference(scores, 8))
+    monkeypatch.setenv("SAE_LENS_ATTN_TOPK", "two-level")
+    _same_choice(scores, topk_indices(scores, 8), topk_indices_reference(scores, 8))
+    monkeypatch.setenv("SAE_LENS_ATTN_TOPK", "radix")
+    with pytest.raises(ValueError, match="SAE_LENS_ATTN_TOPK='radix': use auto, two_level or torch"):
+        topk_indices(scores, 8)
+
+
 def test_sparse_decode_backward_matches_reference():
     g = torch.Generator().manual_seed(3)
     W = torch.randn(500, 24, generator=g, dtype=torch.float64)
