@@ -62,8 +62,10 @@ def keep_freed_host_memory() -> bool:
     between steps, and the heap grows a few more times in the first steps (aligned blocks of one size do
     not always fit the holes of another) before it settles: resident memory about 10% higher at d_sae
     12288 (1,026 vs ~920 MiB, flat over 60 steps). That is the usual trade for a training process
-    (PyTorch's CPU tuning guide recommends jemalloc or tcmalloc for the same reason). Called by the trainer; ``SAE_LENS_ATTN_MALLOC=default`` leaves malloc alone. Outside Linux with
-    glibc this does nothing and returns False. Process-wide and applied once.
+    (PyTorch's CPU tuning guide recommends jemalloc or tcmalloc for the same reason).
+
+    Called by the trainer; ``SAE_LENS_ATTN_MALLOC=default`` leaves malloc alone. Outside Linux with glibc
+    this does nothing and returns False. Process-wide and applied once.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED is not None:

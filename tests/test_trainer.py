@@ -109,6 +109,16 @@ def test_non_finite_values_are_counted_even_when_a_column_sum_hides_their_sign(b
     state.step(SiteBatch(torch.randn(16, 8), None), 4)  # a good batch after it still trains
 
 
+def test_float64_batch_whose_sums_overflow_is_refused_without_blaming_nan():
+    from sae_lens_attn.training.trainer import SiteState
+
+    state = SiteState(SAE(SAEConfig(d_in=8, d_sae=32, k=2, dtype="float64")), OptimConfig(steps=3, warmup_steps=0))
+    x = torch.randn(16, 8, dtype=torch.float64)
+    x[:2, 0] = 1e308
+    with pytest.raises(NonFiniteActivationError, match=r"step 0: no NaN/inf, but its column sums overflow float64; .*rescale"):
+        state.step(SiteBatch(x, None), 0)
+
+
 @pytest.mark.parametrize("auxk_k,n_dead", [(16, 40), (2, 300)])  # dense-over-dead path, then the sparse one
 def test_auxk_reconstruction_matches_masked_topk_definition(auxk_k, n_dead):
     from sae_lens_attn.training.trainer import SiteState

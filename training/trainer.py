@@ -188,6 +188,11 @@ class SiteState:
         if any_bad:
             bad = int(dist.all_reduce((~torch.isfinite(x)).sum().to(f64).reshape(1)).item())
             where = "" if dist.world_size == 1 else f" (summed over {dist.world_size} ranks)"
+            if not bad:
+                raise NonFiniteActivationError(
+                    f"training batch at step {step}: no NaN/inf, but its column sums overflow float64{where}; "
+                    "the activations are near their dtype's limit: rescale them before training"
+                )
             raise NonFiniteActivationError(
                 f"NaN/inf in a training batch at step {step}: {bad} non-finite value(s){where}; the model "
                 "produced non-finite activations (try --dtype float32) or the activation data is corrupted"
