@@ -289,7 +289,10 @@ class SAE(nn.Module):
             x, b_dec = self._input(x)
             with torch.no_grad():
                 xc = x - b_dec if b_dec is not None else x
-            pre = dense_pre(xc, self.W_enc, self.b_enc, bf16=self.bf16_select, out=self._pre_buffer(xc))
+            # TopK adds b_enc inside the selection pass (topk_indices(bias=...)); the g-SAE needs it first
+            gsae = self.cfg.selection == "gsae" and grad is not None
+            pre = dense_pre(xc, self.W_enc, self.b_enc if gsae else None, bf16=self.bf16_select,
+                            out=self._pre_buffer(xc))
         else:
             xc = self.center(x)
             pre = xc @ self.W_enc + self.b_enc
@@ -298,7 +301,7 @@ class SAE(nn.Module):
             indices = topk_indices(self.gsae_scores(pre, grad, out=self._pre_buffer(xc, "_score_buf")), k)
             rule = "gsae"
         else:
-            indices = topk_indices(pre.detach(), k)
+            indices = topk_indices(pre.detach(), k, bias=self.b_enc.detach() if kernels_enabled() else None)
             rule = "topk" if self.cfg.selection == "topk" else "topk (gsae without gradient)"
         if not kernels_enabled():
             values = pre.gather(-1, indices).relu()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sae_lens_attn import ckernels
 from sae_lens_attn.kernels import (
     TOPK_GROUP,
     gathered_dots,
@@ -30,8 +31,17 @@ def _same_choice(scores, got, want):
     assert all(len(set(r.tolist())) == got.shape[1] for r in got)
 
 
+@pytest.fixture(params=["auto", "two_level"])
+def topk_path(request, monkeypatch):
+    """Both CPU selection paths: ``auto`` (the compiled kernel; asserted built) and ``two_level`` (PyTorch)."""
+    monkeypatch.setenv("SAE_LENS_ATTN_TOPK", request.param)
+    if request.param == "auto":
+        assert ckernels.available(), ckernels.unavailable_reason()
+    return request.param
+
+
 @pytest.mark.parametrize("n,k", [(1024, 8), (6144, 32), (4096, 16), (24576, 32)])
-def test_two_level_topk_matches_torch_topk(n, k):
+def test_two_level_topk_matches_torch_topk(n, k, topk_path):
     assert n >= 4 * k * TOPK_GROUP  # the two-level path is the one under test
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randn(300, n, generator=g)
@@ -43,12 +53,55 @@ def test_two_level_topk_matches_torch_topk(n, k):
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 
-def test_two_level_topk_with_ties_picks_equal_values():
+def test_two_level_topk_with_ties_picks_equal_values(topk_path):
     g = torch.Generator().manual_seed(1)
     scores = torch.randint(0, 5, (64, 2048), generator=g).float()  # heavy ties
     scores[3] = 0.0  # a row that is all ties (a zero input row with a zero bias)
     got = topk_indices(scores, 8)
     _same_choice(scores, got, topk_indices_reference(scores, 8))
+
+
+@pytest.mark.parametrize("case", ["plain", "nan", "inf", "odd_width", "bf16"])
+def test_topk_with_bias_adds_it_once_and_selects_as_torch(case, topk_path):
+    """``topk_indices(scores, k, bias)`` leaves scores + bias in ``scores`` (bit for bit what ``add_`` gives)
+    and selects what torch.topk selects from it: also when the compiled kernel refuses the matrix (a NaN or
+    an inf after the bias was added, a width that is not a multiple of 32, bf16) and PyTorch finishes."""
+    g = torch.Generator().manual_seed(7)
+    n = 3000 if case == "odd_width" else 4096
+    base = torch.randn(200, n, generator=g)
+    if case == "nan":
+        base[5, 17] = float("nan")
+    if case == "inf":
+        base[9, 100] = float("-inf")
+        base[11, 3] = float("inf")
+    bias = torch.randn(n, generator=g)
+    if case == "bf16":
+        base, bias = base.bfloat16(), bias.bfloat16()
+    scores = base.clone()
+    if topk_path == "auto":  # the compiled kernel serves exactly the plain case
+        assert (ckernels.topk_rows(base.clone(), 16, bias)[0] is not None) == (case == "plain")
+    got = topk_indices(scores, 16, bias=bias)
+    want_scores = base + bias
+    assert torch.equal(scores.nan_to_num(), want_scores.nan_to_num()) and scores.isnan().sum() == want_scores.isnan().sum()
+    want = topk_indices_reference(want_scores, 16)
+    if case == "nan":  # torch orders NaN above everything; the row with it must match exactly
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    else:
+        _same_choice(want_scores, got, want)
+
+
+def test_compiled_topk_threads_split_rows_and_match_one_thread():
+    assert ckernels.available(), ckernels.unavailable_reason()
+    scores = torch.randn(1000, 2048, generator=torch.Generator().manual_seed(8))
+    one = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a, _ = ckernels.topk_rows(scores.clone(), 8)
+        torch.set_num_threads(3)  # three Python threads over 1000 rows: uneven parts
+        b, _ = ckernels.topk_rows(scores.clone(), 8)
+    finally:
+        torch.set_num_threads(one)
+    assert a is not None and torch.equal(a.sort(-1).values, b.sort(-1).values)
 
 
 def test_topk_reference_switch(monkeypatch):
