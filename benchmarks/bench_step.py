@@ -32,7 +32,9 @@ Rows (``--tools``; default: all but the optional ones):
 * allocator rows: our trainer tells glibc to keep freed large blocks (``kernels.keep_freed_host_memory``;
   otherwise every 75-400 MB block of a step comes back as fresh pages). ``ours-default-malloc`` turns that
   off (``SAE_LENS_ATTN_MALLOC=default``); ``saelens-sparse-malloc`` and ``sparsify-malloc`` give the peers
-  the same setting from outside (``GLIBC_TUNABLES``), so the allocator's share of any ratio is visible.
+  the same setting from outside (``GLIBC_TUNABLES``), so the allocator's share of any ratio is visible;
+* ``ours-torch-select``: ours with the selection in PyTorch ops (``SAE_LENS_ATTN_TOPK=two_level``), i.e.
+  without the compiled top-k (``sae_lens_attn.ckernels``), as on a machine with no C compiler.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ TOOLS: dict[str, tuple[str, str, list[str]]] = {
     "gemm-alloc": ("ours", "gemm_floor.py", ["--alloc", "--tool-name", "gemm-alloc"]),
     "gemm-bf16": ("ours", "gemm_floor.py", ["--dtype", "bfloat16", "--tool-name", "gemm-bf16"]),
     "ours-default-malloc": ("ours", "ours_step.py", ["--tool-name", "ours-default-malloc"]),
+    "ours-torch-select": ("ours", "ours_step.py", ["--tool-name", "ours-torch-select"]),
     "saelens-sparse-malloc": ("saelens", "peers/saelens_step.py", ["--sparse-activations", "--no-rescale"]),
     "sparsify-malloc": ("sparsify", "peers/sparsify_step.py", []),
 }
@@ -80,6 +83,7 @@ _KEEP_FREED = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824:glibc.m
 #: extra environment per row
 TOOL_ENV: dict[str, dict[str, str]] = {
     "ours-default-malloc": {"SAE_LENS_ATTN_MALLOC": "default"},
+    "ours-torch-select": {"SAE_LENS_ATTN_TOPK": "two_level"},
     "saelens-sparse-malloc": _KEEP_FREED,
     "sparsify-malloc": _KEEP_FREED,
 }
@@ -116,6 +120,7 @@ def run_one(tool: str, d_sae: int, args) -> dict:
         env[var] = str(threads)
     env.pop("SAE_LENS_ATTN_KERNELS", None)  # each row sets its own
     env.pop("SAE_LENS_ATTN_MALLOC", None)
+    env.pop("SAE_LENS_ATTN_TOPK", None)
     env.pop("GLIBC_TUNABLES", None)
     env.update(TOOL_ENV.get(tool, {}))
     if key != "ours":
@@ -195,7 +200,7 @@ def ratios(summary: dict) -> dict:
                 if "median_s" in v and (t.startswith("saelens") or t.startswith("sparsify")):
                     rs.append({"label": f"{t} / ours", "numerator": t, "denominator": "ours",
                                "value": v["median_s"] / ours[1], "target": None, "pass": None})
-            for t in ("ours-bf16", "ours-reference", "ours-default-malloc"):
+            for t in ("ours-bf16", "ours-reference", "ours-default-malloc", "ours-torch-select"):
                 if t in per and "median_s" in per[t]:
                     rs.append({"label": f"{t} / ours", "numerator": t, "denominator": "ours",
                                "value": per[t]["median_s"] / ours[1], "target": None, "pass": None})

@@ -178,8 +178,15 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     tag = hashlib.sha256((SOURCE + sys.platform + os.uname().machine).encode()).hexdigest()[:16]
     out = _cache_dir() / f"topk_{tag}.so"
-    if not out.exists():
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(out.parent, os.W_OK)
+    except OSError:
+        writable = False
+    if not out.exists() and not writable:  # a read-only home: build under the temp dir instead
+        out = Path(tempfile.gettempdir()) / f"sae_lens_attn_{os.getuid()}" / out.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             src = Path(tmp) / "topk.c"
             src.write_text(SOURCE)

@@ -90,6 +90,30 @@ def test_topk_with_bias_adds_it_once_and_selects_as_torch(case, topk_path):
         _same_choice(want_scores, got, want)
 
 
+def test_compiled_kernel_builds_into_the_cache_dir_named_by_the_environment(tmp_path):
+    """A fresh process with SAE_LENS_ATTN_CACHE pointing at an empty directory compiles the kernel there;
+    with no compiler to be found it says so and the PyTorch path serves."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from sae_lens_attn import ckernels, kernels; import torch; s = torch.randn(64, 2048); "
+            "print(ckernels.available(), ckernels.unavailable_reason()); "
+            "print(torch.equal(kernels.topk_indices(s, 8).sort(1).values.float().sum(1), "
+            "s.topk(8).indices.sort(1).values.float().sum(1)))")
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+        return out[0], out[1]
+
+    built, same = run({"SAE_LENS_ATTN_CACHE": str(tmp_path / "cache")})
+    assert built == "True None" and same == "True"
+    assert len(list((tmp_path / "cache" / "sae_lens_attn").glob("topk_*.so"))) == 1
+    missing, same = run({"SAE_LENS_ATTN_CACHE": str(tmp_path / "other"), "CC": "", "PATH": str(tmp_path)})
+    assert missing == "False RuntimeError: no C compiler (cc, gcc or clang) on PATH" and same == "True"
+
+
 def test_compiled_topk_threads_split_rows_and_match_one_thread():
     assert ckernels.available(), ckernels.unavailable_reason()
     scores = torch.randn(1000, 2048, generator=torch.Generator().manual_seed(8))
