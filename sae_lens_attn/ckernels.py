@@ -78,7 +78,8 @@ static float kth_largest(float* a, float* tmp, int64_t m, int64_t k) {
 #endif
 
 /* Rows [r0, r1) of x (row stride ld, n columns, n a multiple of G with n / G >= k): optionally x += bias in
-   place, then the k largest entries of each row into idx/val (row-major [rows, k], unordered). Returns 0,
+   place, then the column indices of the k largest entries of each row into idx (row-major [rows, k],
+   unordered; the caller gathers the values it needs from x). Returns 0,
    1 if a value was NaN or infinite (the bias is still added; the caller redoes the selection with
    torch.topk), 2 if out of memory, 3 if n does not fit the block layout (nothing done).
 
@@ -90,7 +91,7 @@ static float kth_largest(float* a, float* tmp, int64_t m, int64_t k) {
    largest, by quickselect) and then as many entries equal to it as are needed. */
 TARGETS
 int topk_rows_f32(float* restrict x, const float* restrict bias, int64_t r0, int64_t r1, int64_t n,
-                  int64_t ld, int64_t k, int64_t* restrict idx, float* restrict val) {
+                  int64_t ld, int64_t k, int64_t* restrict idx) {
     if (n % G != 0 || n / G < k || k < 1) return 3;
     int64_t nb = n / G;
     int64_t mt = nb > k * G ? nb : k * G;
@@ -139,16 +140,15 @@ int topk_rows_f32(float* restrict x, const float* restrict bias, int64_t r0, int
         float t1 = kth_largest(cv, tmp, m, k);
         int64_t out = 0;
         int64_t* ri = idx + r * k;
-        float* rv = val + r * k;
         for (int64_t q = 0; q < k; q++)
             for (int64_t g = 0; g < G; g++) {
                 int64_t j = cb[q] + g * nb;
-                if (row[j] > t1) { ri[out] = j; rv[out] = row[j]; out++; }
+                if (row[j] > t1) ri[out++] = j;
             }
         for (int64_t q = 0; q < k && out < k; q++)
             for (int64_t g = 0; g < G && out < k; g++) {
                 int64_t j = cb[q] + g * nb;
-                if (row[j] == t1) { ri[out] = j; rv[out] = row[j]; out++; }
+                if (row[j] == t1) ri[out++] = j;
             }
     }
     free(tmp);
@@ -200,7 +200,7 @@ def _build() -> ctypes.CDLL:
     fn = lib.topk_rows_f32
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr]
+    fn.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr]
     return lib
 
 
@@ -242,14 +242,13 @@ def topk_rows(scores: torch.Tensor, k: int, bias: torch.Tensor | None = None) ->
         if bias.shape != (n,):
             return None, False
     idx = torch.empty(rows, k, dtype=torch.int64)
-    val = torch.empty(rows, k, dtype=torch.float32)
     threads = max(1, min(torch.get_num_threads(), rows // 64 or 1))
     bounds = [rows * t // threads for t in range(threads + 1)]
     pointers = (scores.data_ptr(), bias.data_ptr() if bias is not None else None)
     fn = _lib.topk_rows_f32
 
     def part(t: int) -> int:
-        return fn(*pointers, bounds[t], bounds[t + 1], n, scores.stride(0), k, idx.data_ptr(), val.data_ptr())
+        return fn(*pointers, bounds[t], bounds[t + 1], n, scores.stride(0), k, idx.data_ptr())
 
     codes = [part(0)] if threads == 1 else list(_executor(threads).map(part, range(threads)))
     if any(c in (2, 3) for c in codes):  # out of memory or a layout the C code refuses: it did nothing there
