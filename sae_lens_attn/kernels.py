@@ -109,10 +109,10 @@ def sparse_decode(
 
 
 class _SparseDecode(torch.autograd.Function):
-    """``embedding_bag`` forward; backward by hand: d values[b, j] = g[b] . W_dec[i_bj] (k gathered rows per
-    row, in chunks) and d W_dec = the CSR product :func:`latent_outer_sum` (rows sorted by latent, written
-    into uninitialised memory), which is cheaper on a CPU than ``embedding_bag``'s dense backward (a zeroed
-    [d_sae, d_in] buffer plus a scatter)."""
+    """``embedding_bag`` forward; backward by hand: d values[b, j] = g[b] . W_dec[i_bj] (:func:`gathered_dots`,
+    aten's fused per-sample-weight backward) and d W_dec = the CSR product :func:`latent_outer_sum` (rows
+    sorted by latent, written into uninitialised memory), which is cheaper on a CPU than ``embedding_bag``'s
+    dense backward (a zeroed [d_sae, d_in] buffer plus a scatter)."""
 
     @staticmethod
     def forward(ctx, values, indices, W_dec):

@@ -285,25 +285,26 @@ class SAE(nn.Module):
         from the k chosen encoder columns, so gradients touch only those. Reference path
         (``SAE_LENS_ATTN_KERNELS=reference``): dense autograd through the full pre-activation matrix.
         """
-        if kernels_enabled():
+        fast = kernels_enabled()
+        gsae = self.cfg.selection == "gsae" and grad is not None
+        if fast:
             x, b_dec = self._input(x)
             with torch.no_grad():
                 xc = x - b_dec if b_dec is not None else x
             # TopK adds b_enc inside the selection pass (topk_indices(bias=...)); the g-SAE needs it first
-            gsae = self.cfg.selection == "gsae" and grad is not None
             pre = dense_pre(xc, self.W_enc, self.b_enc if gsae else None, bf16=self.bf16_select,
                             out=self._pre_buffer(xc))
         else:
             xc = self.center(x)
             pre = xc @ self.W_enc + self.b_enc
         k = self.cfg.k
-        if self.cfg.selection == "gsae" and grad is not None:
+        if gsae:
             indices = topk_indices(self.gsae_scores(pre, grad, out=self._pre_buffer(xc, "_score_buf")), k)
             rule = "gsae"
         else:
-            indices = topk_indices(pre.detach(), k, bias=self.b_enc.detach() if kernels_enabled() else None)
+            indices = topk_indices(pre.detach(), k, bias=self.b_enc.detach() if fast else None)
             rule = "topk" if self.cfg.selection == "topk" else "topk (gsae without gradient)"
-        if not kernels_enabled():
+        if not fast:
             values = pre.gather(-1, indices).relu()
         else:  # after a bf16 selection the kept values are recomputed in the weights' dtype
             values = selected_pre(
