@@ -14,9 +14,11 @@ import einops
 import torch
 from jaxtyping import Float, Int
 
-from sae_lens_attn.models import bos_token_id, model_device
+from sae_lens_attn.models import model_device
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site, split_heads
+from sae_lens_attn.spec import attn_weights, model_spec
+from sae_lens_attn.tokens import check_start_token
 
 FeatureIds = int | Sequence[int] | torch.Tensor | None
 
@@ -47,7 +49,7 @@ class HeadEncoder(NamedTuple):
 
     W: Float[torch.Tensor, "n_heads d_head f"]
     """hook_z SAE: the head's block of W_enc; one-head SAE: W_enc at its head, 0 elsewhere;
-    hook_attn_out SAE: ``W_O[h] @ W_enc`` (attn_out = sum_h z_h W_O[h] + b_O)."""
+    hook_attn_out SAE: ``W_O[h] @ W_enc`` (attn_out = sum_h z_h W_O[h] + b_O, b_O = 0 where the model has none)."""
     bias: Float[torch.Tensor, " f"]
     """``b_enc - b_dec @ W_enc`` (with apply_b_dec_to_input), plus ``b_O @ W_enc`` for hook_attn_out."""
 
@@ -62,9 +64,9 @@ def head_encoder(model, sae: SAE, site: Site, features: FeatureIds = None) -> He
         bias = bias - sae.b_dec.detach().float() @ W_enc
     n_heads, d_head = int(model.cfg.n_heads), int(model.cfg.d_head)
     if site.kind == "attn_out":
-        W_O = model.W_O[site.layer].detach().float().to(W_enc.device)  # [head, d_head, d_model]
-        W = einops.einsum(W_O, W_enc, "head d_head d_model, d_model f -> head d_head f")
-        bias = bias + model.b_O[site.layer].detach().float().to(W_enc.device) @ W_enc
+        aw = attn_weights(model, site.layer, W_enc.device)
+        W = einops.einsum(aw.W_O, W_enc, "head d_head d_model, d_model f -> head d_head f")
+        bias = bias + aw.b_O @ W_enc
     elif site.head is not None:
         W = torch.zeros(n_heads, d_head, len(ids), dtype=W_enc.dtype, device=W_enc.device)
         W[site.head] = W_enc
@@ -88,36 +90,48 @@ def decoder_head_blocks(sae: SAE, site: Site, n_heads: int) -> Float[torch.Tenso
     return split_heads(W_dec, n_heads)
 
 
-def residual_directions(model, sae: SAE, site: Site, features: FeatureIds = None) -> Float[torch.Tensor, "f d_model"]:
-    """Each feature's decoder row as a residual-stream vector: through W_O for hook_z sites
-    (``model.W_O`` is [n_layers, n_heads, d_head, d_model]), as is for hook_attn_out."""
+def output_directions(model, sae: SAE, site: Site, features: FeatureIds = None) -> Float[torch.Tensor, "f d_model"]:
+    """Each feature's decoder row in the attention output's space (d_model): through W_O for hook_z sites,
+    as is for hook_attn_out. This is what the layer's attention adds *before* any post-attention norm."""
     ids = feature_ids(features, sae.cfg.d_sae).to(sae.W_dec.device)
     if site.kind == "attn_out":
         return sae.W_dec.detach()[ids].float()
     blocks = decoder_head_blocks(sae, site, int(model.cfg.n_heads))[ids]
-    W_O = model.W_O[site.layer].detach().float().to(blocks.device)
+    W_O = attn_weights(model, site.layer, blocks.device).W_O
     return einops.einsum(blocks, W_O, "f head d_head, head d_head d_model -> f d_model")
 
 
+def residual_directions(model, sae: SAE, site: Site, features: FeatureIds = None) -> Float[torch.Tensor, "f d_model"]:
+    """Each feature's direction as the residual stream receives it, up to the positive per-position scale of
+    a frozen post-attention norm: :func:`output_directions` on pre-norm blocks; times the post-attention
+    norm's weight on sandwich blocks (Gemma-2). Post-norm blocks (BERT) re-centre and rescale the whole
+    stream after every sublayer, so a feature has no position-free residual direction there: refused."""
+    from sae_lens_attn.spec import UnsupportedModelError, norm_affine
+
+    dirs = output_directions(model, sae, site, features)
+    spec = model_spec(model)
+    layout = spec.require_layout("a feature's residual-stream direction")
+    if layout == "sandwich":
+        w, _ = norm_affine(model, model.blocks[site.layer].ln1_post, dirs.device)
+        return dirs * w
+    if layout == "post_norm":
+        raise UnsupportedModelError(
+            f"{spec.family} is a post-norm model (LayerNorm after every residual add): a feature's effect on the "
+            "residual stream depends on each position's norm scales, so it has no position-free direction; use "
+            "RDFA on a prompt instead"
+        )
+    return dirs
+
+
 def normalization_kind(model) -> str:
-    """``LN`` (centre and scale), ``RMS`` (scale only) or ``none``: how the model's LayerNorms act."""
+    """``LN`` (centre and scale), ``RMS`` (scale only) or ``none``: how the norms in front of attention (and
+    the final norm) act."""
     kind = str(getattr(model.cfg, "normalization_type", "LN") or "none")
     if kind.startswith("RMS"):
         return "RMS"
     if kind.startswith("LN"):
         return "LN"
     return "none"
-
-
-def ln_weight(module, d_model: int, device) -> torch.Tensor:
-    """A norm module's weight (ones where it has none, e.g. LNPre)."""
-    w = getattr(module, "weight", None)
-    return (w.detach().float() if w is not None else torch.ones(d_model)).to(device)
-
-
-def ln_bias(module, d_model: int, device) -> torch.Tensor:
-    b = getattr(module, "bias", None)
-    return (b.detach().float() if b is not None else torch.zeros(d_model)).to(device)
 
 
 def centre(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -130,20 +144,27 @@ def centre(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def text_tokens(model, texts: str | Sequence[str]) -> Int[torch.Tensor, "batch pos"]:
-    """Tokens of ``texts`` with BOS first (no padding: all texts must give the same length)."""
+    """Tokens of ``texts`` by the model's tokenization policy (``[BOS] text``, ``[CLS] text [SEP]``, ...; no
+    padding: all texts must give the same length)."""
     if isinstance(texts, str):
         texts = [texts]
-    bos = bos_token_id(model)
-    ids = [[bos, *model.tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
+    policy = model_spec(model).tokens
+    ids = [policy.encode(model.tokenizer, t) for t in texts]
     if len({len(r) for r in ids}) != 1:
         raise ValueError("texts tokenize to different lengths; pass one text at a time or token ids")
     return torch.tensor(ids, dtype=torch.long)
 
 
-def as_tokens(model, tokens) -> Int[torch.Tensor, "batch pos"]:
-    """Accept text, a 1-D or 2-D token tensor; return [batch, pos] on the model's device."""
+def as_tokens(model, tokens, sae: SAE | None = None) -> Int[torch.Tensor, "batch pos"]:
+    """Accept text (tokenized by the model's policy) or a 1-D / 2-D token tensor; return [batch, pos] on the
+    model's device. Given tokens that lack the start token ``sae`` was trained with (``metadata.prepend_bos``),
+    warn once (:func:`sae_lens_attn.tokens.check_start_token`)."""
     if isinstance(tokens, str) or (isinstance(tokens, Sequence) and tokens and isinstance(tokens[0], str)):
         tokens = text_tokens(model, tokens)
+    elif sae is not None:
+        t = torch.as_tensor(tokens)
+        check_start_token(t if t.ndim > 1 else t[None], model_spec(model).tokens, sae.cfg.metadata,
+                          f"the SAE for {sae.cfg.metadata.get('hook_name', 'this site')}")
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.ndim == 1:
         tokens = tokens[None]

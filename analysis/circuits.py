@@ -20,9 +20,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from sae_lens_attn.activations import splice
-from sae_lens_attn.models import bos_token_id, model_device
+from sae_lens_attn.models import model_device
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
+from sae_lens_attn.spec import model_spec
 
 from ._common import FeatureIds, feature_ids, sae_site
 
@@ -86,19 +87,33 @@ class IOIDataset:
         return m
 
 
+def _causal_policy(model):
+    """IOI prompts are read at their last token: a causal LM with a start token is needed."""
+    spec = model_spec(model)
+    if spec.kind != "causal" or spec.tokens.start is None:
+        from sae_lens_attn.spec import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"IOI prompts need a causal LM whose tokenizer has a BOS (or EOS) token; {spec.family} is "
+            f"{'an encoder' if spec.kind == 'encoder' else 'a causal LM without one'}"
+        )
+    return spec.tokens
+
+
 def _fill(template: str, a: str, b: str, s: str, place: str, obj: str) -> str:
     return template.format(A=" " + a, B=" " + b, S=" " + s, PLACE=" " + place, OBJECT=" " + obj)
 
 
 def _build(model, specs: list[dict]) -> IOIDataset:
     tok = model.tokenizer
-    bos = bos_token_id(model)
+    policy = _causal_policy(model)
+    pad = policy.start
     prompts, rows, io_ids, s_ids, pos, pats = [], [], [], [], {"IO": [], "S1": [], "S2": [], "end": []}, []
     for spec in specs:
         io, s = spec["io"], spec["s"]
         a, b = (io, s) if spec["pattern"] == "ABBA" else (s, io)
         text = _fill(IOI_TEMPLATES[spec["template"]], a, b, s, spec["place"], spec["object"])
-        ids = [bos, *tok(text, add_special_tokens=False)["input_ids"]]
+        ids = policy.encode(tok, text)
         io_id = tok(" " + io, add_special_tokens=False)["input_ids"][0]
         s_id = tok(" " + s, add_special_tokens=False)["input_ids"][0]
         io_at = [i for i, t in enumerate(ids) if t == io_id]
@@ -115,7 +130,7 @@ def _build(model, specs: list[dict]) -> IOIDataset:
         pos["end"].append(len(ids) - 1)
         pats.append(spec["pattern"])
     width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), bos, dtype=torch.long)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = torch.tensor(r)
     return IOIDataset(
@@ -170,7 +185,7 @@ def corrupt_ioi(model, data: IOIDataset, seed: int = 1, names: Sequence[str] | N
         raise ValueError(f"the ABC corruption needs at least 5 single-token names, the tokenizer has {len(pool)}")
     rng = random.Random(seed)
     tok = model.tokenizer
-    bos = bos_token_id(model)
+    policy = _causal_policy(model)
     prompts, rows = [], []
     for spec in data.specs:
         a_io, a_s = spec["io"], spec["s"]
@@ -178,8 +193,8 @@ def corrupt_ioi(model, data: IOIDataset, seed: int = 1, names: Sequence[str] | N
         a, b = (x, y) if spec["pattern"] == "ABBA" else (y, x)
         text = _fill(IOI_TEMPLATES[spec["template"]], a, b, z, spec["place"], spec["object"])
         prompts.append(text)
-        rows.append([bos, *tok(text, add_special_tokens=False)["input_ids"]])
-    tokens = torch.full_like(data.tokens, bos)
+        rows.append(policy.encode(tok, text))
+    tokens = torch.full_like(data.tokens, policy.start)
     for i, r in enumerate(rows):
         if len(r) != int(data.positions["end"][i]) + 1:
             raise ValueError(f"corrupted prompt {prompts[i]!r} has a different length than the clean one")

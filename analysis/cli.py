@@ -69,7 +69,7 @@ def _load(args):
 
     from sae_lens_attn.data import token_rows
     from sae_lens_attn.interop import load_sae
-    from sae_lens_attn.models import SAMPLE_TEXT, bos_token_id, load_model, model_device
+    from sae_lens_attn.models import SAMPLE_TEXT, load_model, model_device, token_policy
 
     from ._common import sae_site
 
@@ -82,7 +82,7 @@ def _load(args):
     sae = sae.to(model_device(model))
     sae.check_site(site, model.cfg)
     n_ctx = min(args.context_size or int(sae.cfg.metadata.get("context_size") or 128), int(model.cfg.n_ctx))
-    rows = token_rows(args.dataset or SAMPLE_TEXT, model.tokenizer, n_ctx, bos_token_id(model),
+    rows = token_rows(args.dataset or SAMPLE_TEXT, model.tokenizer, n_ctx, token_policy(model),
                       max_rows=max(1, math.ceil(args.tokens / n_ctx)), text_field=args.text_field)
     torch.manual_seed(args.seed)
     return model, sae, site, rows, features

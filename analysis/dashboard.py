@@ -19,9 +19,10 @@ from typing import Literal
 
 import torch
 
-from sae_lens_attn.models import bos_token_id, model_name
+from sae_lens_attn.models import model_name
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
+from sae_lens_attn.spec import model_spec
 
 from ._common import decode_token, sae_site
 from .dfa import dfa_by_source
@@ -113,17 +114,20 @@ class _Figures:
 def _dfa_figure(model, sae: SAE, site: Site, stats: FeatureStats, feature: int, ex: Example):
     import plotly.graph_objects as go
 
-    if stats.rows is not None:
-        tokens = stats.rows[ex.row, : ex.pos + 1]
+    if stats.rows is not None:  # the row as the model saw it (all of it for an encoder, which sees ahead too)
+        encoder = model_spec(model).kind == "encoder"
+        tokens = stats.rows[ex.row] if encoder else stats.rows[ex.row, : ex.pos + 1]
         note = ""
         q = ex.pos
-    else:  # only the stored window: re-run it with BOS in front (attention sees less context than it did)
-        window = [t for t in ex.tokens[: ex.center + 1] if t >= 0]
-        tokens = torch.tensor([bos_token_id(model), *window])
+    else:  # only the stored window: re-run it framed by the policy (attention sees less context than it did)
+        policy = model_spec(model).tokens
+        window = [t for t in ex.tokens[: ex.center + 1] if t >= 0 and t not in policy.special]
+        tokens = torch.tensor(policy.wrap(window))
         note = " (context window only)"
-        q = len(window)
+        q = len(window) - 1 + int(policy.start is not None)
     res = dfa_by_source(model, sae, tokens, [feature], site)
-    src = res.by_source[0, q, :, : q + 1, 0].cpu()  # [head, k]
+    n_src = tokens.shape[-1] if model_spec(model).kind == "encoder" else q + 1  # causal: no source after q
+    src = res.by_source[0, q, :, :n_src, 0].cpu()  # [head, k]
     labels = [f"{i}:{_tok_text(model.tokenizer, int(t))}" for i, t in enumerate(tokens.tolist())]
     fig = go.Figure(go.Heatmap(
         z=src.tolist(), x=labels, y=[f"H{h}" for h in range(src.shape[0])], colorscale="RdBu", zmid=0,

@@ -5,12 +5,17 @@ For an SAE on hook_z (z = the heads' outputs concatenated, before W_O) the pre-a
     pre_i = sum_h z_h . W_enc[h-block, i] + (b_enc_i - b_dec . W_enc[:, i])        (apply_b_dec_to_input)
 
 so ``DFA_{i,h} = z_h . W_enc[h-block, i]`` and the terms sum exactly to ``pre_i`` minus the bias term.
-Each head's output is a mix of value vectors, ``z_h[t] = sum_s A_h[t, s] v_h[s]``; TransformerLens'
-``hook_v`` already holds the value bias b_V (checked in the tests for GPT-NeoX and GPT-2), and the rows of
-A sum to 1, so ``DFA_{i,h,s}[t] = A_h[t, s] (v_h[s] . W_enc[h-block, i])`` sums over s to DFA_{i,h}[t].
+Each head's output is a mix of value vectors, ``z_h[t] = sum_s A_h[t, s] v_h[s]``; the bridge's ``hook_v``
+already holds the value bias b_V where the model has one (checked against the Hugging Face modules in
+``tests/test_families.py``), and the rows of A sum to 1, so ``DFA_{i,h,s}[t] = A_h[t, s] (v_h[s] .
+W_enc[h-block, i])`` sums over s to DFA_{i,h}[t]. With grouped-query or multi-query attention ``hook_v`` has
+``n_kv_heads`` heads and query head h reads key/value head ``h // (n_heads / n_kv_heads)``
+(:meth:`~sae_lens_attn.spec.ModelSpec.per_query_head`). Attention may be bidirectional (encoders): sources
+after the destination then count like the others.
 
-For an SAE on hook_attn_out the same holds with ``W_O[h] @ W_enc`` in place of the head block and b_O in
-the bias term (attn_out = sum_h z_h W_O[h] + b_O).
+For an SAE on attn_out the same holds with ``W_O[h] @ W_enc`` in place of the head block and b_O in the bias
+term (attn_out = sum_h z_h W_O[h] + b_O, read at the output projection on every family, before any
+post-attention norm; b_O = 0 where the projection has no bias).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from jaxtyping import Float, Int
 
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
+from sae_lens_attn.spec import model_spec
 
 from ._common import FeatureIds, as_tokens, feature_ids, head_encoder, run_cache, sae_site
 
@@ -55,9 +61,9 @@ class SourceDFA(NamedTuple):
     """The attention patterns used."""
 
 
-def _hooks(site: Site, with_source: bool) -> list[str]:
+def _hooks(model, site: Site, with_source: bool) -> list[str]:
     L = site.layer
-    names = [f"blocks.{L}.attn.hook_z", site.hook_name]
+    names = [f"blocks.{L}.attn.hook_z", model_spec(model).capture_hook(site)]
     if with_source:
         names += [f"blocks.{L}.attn.hook_pattern", f"blocks.{L}.attn.hook_v"]
     return sorted(set(names))
@@ -81,12 +87,12 @@ def dfa(
     """DFA by head of ``features`` (all when None) on ``tokens`` (text gets BOS prepended)."""
     site = sae_site(sae, site)
     ids = feature_ids(features, sae.cfg.d_sae)
-    tokens = as_tokens(model, tokens)
-    cache = run_cache(model, tokens, _hooks(site, False), stop_at_layer=site.layer + 1)
+    tokens = as_tokens(model, tokens, sae)
+    cache = run_cache(model, tokens, _hooks(model, site, False), stop_at_layer=site.layer + 1)
     enc = head_encoder(model, sae, site, ids)
     z = cache[f"blocks.{site.layer}.attn.hook_z"].to(enc.W.device)
     by_head = einops.einsum(z, enc.W, "b pos head d_head, head d_head f -> b pos head f")
-    pre, acts = _pre_and_acts(sae, site, cache[site.hook_name], ids.to(sae.W_enc.device))
+    pre, acts = _pre_and_acts(sae, site, cache[model_spec(model).capture_hook(site)], ids.to(sae.W_enc.device))
     return DFAResult(ids, pre, acts, by_head, enc.bias)
 
 
@@ -103,18 +109,19 @@ def dfa_by_source(
     if features is None:
         raise ValueError("dfa_by_source needs explicit features: its output grows as pos^2 * n_heads * n_features")
     ids = feature_ids(features, sae.cfg.d_sae)
-    tokens = as_tokens(model, tokens)
+    tokens = as_tokens(model, tokens, sae)
     L = site.layer
-    cache = run_cache(model, tokens, _hooks(site, True), stop_at_layer=L + 1)
+    spec = model_spec(model)
+    cache = run_cache(model, tokens, _hooks(model, site, True), stop_at_layer=L + 1)
     enc = head_encoder(model, sae, site, ids)
     dev = enc.W.device
     z = cache[f"blocks.{L}.attn.hook_z"].to(dev)
-    v = cache[f"blocks.{L}.attn.hook_v"].to(dev)  # [b, k, head, d_head], b_V included
+    v = spec.per_query_head(cache[f"blocks.{L}.attn.hook_v"].to(dev), 2)  # [b, k, head, d_head], b_V included
     pattern = cache[f"blocks.{L}.attn.hook_pattern"].to(dev)  # [b, head, q, k]
     by_head = einops.einsum(z, enc.W, "b pos head d_head, head d_head f -> b pos head f")
     v_read = einops.einsum(v, enc.W, "b k head d_head, head d_head f -> b k head f")
     by_source = einops.einsum(pattern, v_read, "b head q k, b k head f -> b q head k f")
-    pre, acts = _pre_and_acts(sae, site, cache[site.hook_name], ids.to(sae.W_enc.device))
+    pre, acts = _pre_and_acts(sae, site, cache[spec.capture_hook(site)], ids.to(sae.W_enc.device))
     return SourceDFA(ids, pre, acts, by_head, by_source, enc.bias, pattern)
 
 

@@ -24,16 +24,15 @@ import torch
 from jaxtyping import Float, Int
 
 from sae_lens_attn.activations import harvest
-from sae_lens_attn.models import bos_token_id
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
+from sae_lens_attn.spec import UnsupportedModelError, model_spec, norm_affine
 
 from ._common import (
     FeatureIds,
     centre,
     decode_token,
     feature_ids,
-    ln_weight,
     normalization_kind,
     residual_directions,
     sae_site,
@@ -273,7 +272,7 @@ def feature_stats(
     max_act = torch.zeros(n_feat)
     n_bins = len(HIST_EDGES) - 1
     hist = torch.zeros(n_feat * n_bins, dtype=torch.long)
-    bos = bos_token_id(model)
+    policy = model_spec(model).tokens
     n_tokens, row0 = 0, 0
     for batch in _row_batches(rows, cfg.batch_rows):
         if max_tokens is not None and n_tokens >= max_tokens:
@@ -282,9 +281,10 @@ def feature_stats(
         h = harvest(model, batch, [site], drop_bos=False)
         x = h.acts[site].to(sae.W_enc.device, sae.W_enc.dtype)
         acts = sae.encode_dense(x)[..., ids.to(x.device)].float().cpu()  # [b, pos, F]
-        acts = acts.masked_fill((batch == bos)[..., None], 0.0)
+        text = policy.keep(batch)
+        acts = acts.masked_fill(~text[..., None], 0.0)
         b, seq, _ = acts.shape
-        n_tokens += int((batch != bos).sum())
+        n_tokens += int(text.sum())
         flat = acts.reshape(b * seq, n_feat)
         firing = flat > 0
         fire += firing.sum(0)
@@ -321,11 +321,23 @@ class LogitEffects(NamedTuple):
 
 @torch.no_grad()
 def logit_weights(model, sae: SAE, features: FeatureIds = None, site: Site | None = None) -> Float[torch.Tensor, "f d_vocab"]:
-    """``centre(W_dec[i] W_O * w_ln_final) @ W_U``: the feature direction read by the unembedding with the
-    final LayerNorm's scale frozen (centring for LayerNorm, none for RMSNorm)."""
+    """``centre(d_i) * w_ln_final @ W_U`` with ``d_i`` the feature's residual direction
+    (:func:`~._common.residual_directions`: W_dec[i] through W_O for hook_z, times the post-attention norm's
+    weight on Gemma-2): the direction read by the unembedding with the final norm's scale frozen (centring
+    for LayerNorm, none for RMSNorm; Gemma's ``1 + w`` weights included). Soft-capped logits (Gemma-2) are
+    read before the cap. Refused for encoders, whose masked-LM head applies dense + GELU before its norm."""
     site = sae_site(sae, site)
+    spec = model_spec(model)
+    if spec.kind == "encoder":
+        raise UnsupportedModelError(
+            f"{spec.family} is an encoder: its masked-LM head applies a dense layer and GELU before the "
+            "unembedding, so a feature has no direct (linear) logit effect"
+        )
     dirs = residual_directions(model, sae, site, features)
-    w = ln_weight(model.ln_final, int(model.cfg.d_model), dirs.device) if hasattr(model, "ln_final") else 1.0
+    if hasattr(model, "ln_final"):
+        w, _ = norm_affine(model, model.ln_final, dirs.device)
+    else:
+        w = torch.ones(dirs.shape[-1], device=dirs.device)
     kind = normalization_kind(model)
     W_U = model.W_U.detach().float().to(dirs.device)
     return centre(dirs, kind) * w @ W_U

@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from sae_lens_attn.models import model_device
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
+from sae_lens_attn.spec import UnsupportedModelError, model_spec
 
 from ._common import FeatureIds, feature_ids, run_cache, sae_site
 from .dfa import dfa_by_source, head_fractions
@@ -46,13 +47,29 @@ def random_tokens(model, n_seq: int, length: int, seed: int = 0) -> Int[torch.Te
     return torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:length]] for _ in range(n_seq)])
 
 
-def repeated_tokens(model, n_seq: int = 16, length: int = 32, seed: int = 0) -> Int[torch.Tensor, "n_seq seq"]:
-    """``[BOS, r, r]`` rows (seq = 1 + 2 * length), r without repeated tokens."""
-    from sae_lens_attn.models import bos_token_id
+def _start_token(model) -> int:
+    policy = model_spec(model).tokens
+    if policy.start is None:
+        raise UnsupportedModelError(
+            "induction scores index positions from a start token, and this model's tokenizer has neither a BOS, "
+            "an EOS nor a CLS token"
+        )
+    return policy.start
 
+
+def _frame(model, body: torch.Tensor) -> torch.Tensor:
+    """``[start] body [end]`` per row, by the model's tokenization policy."""
+    policy = model_spec(model).tokens
+    start = torch.full((body.shape[0], 1), _start_token(model), dtype=torch.long)
+    parts = [start, body] + ([torch.full_like(start, policy.end)] if policy.end is not None else [])
+    return torch.cat(parts, dim=1)
+
+
+def repeated_tokens(model, n_seq: int = 16, length: int = 32, seed: int = 0) -> Int[torch.Tensor, "n_seq seq"]:
+    """``[BOS, r, r]`` rows (``[CLS, r, r, SEP]`` for encoders; seq = 1 + 2 * length (+ 1)), r without
+    repeated tokens."""
     r = random_tokens(model, n_seq, length, seed)
-    bos = torch.full((n_seq, 1), bos_token_id(model), dtype=torch.long)
-    return torch.cat([bos, r, r], dim=1)
+    return _frame(model, torch.cat([r, r], dim=1))
 
 
 class HeadInductionScores(NamedTuple):
@@ -118,8 +135,9 @@ def feature_induction_scores(
     if tokens is None:
         tokens = repeated_tokens(model, n_seq, length, seed)
     length = (tokens.shape[1] - 1) // 2
-    cache = run_cache(model, tokens.to(model_device(model)), [site.hook_name], stop_at_layer=site.layer + 1)
-    x = site.flatten(cache[site.hook_name]).to(sae.W_enc.device, sae.W_enc.dtype)
+    hook = model_spec(model).capture_hook(site)
+    cache = run_cache(model, tokens.to(model_device(model)), [hook], stop_at_layer=site.layer + 1)
+    x = site.flatten(cache[hook]).to(sae.W_enc.device, sae.W_enc.dtype)
     acts = sae.encode_dense(x)[..., ids.to(x.device)].float().cpu()  # [n, seq, f]
     first, second = acts[:, 1 : length + 1], acts[:, length + 1 : 2 * length + 1]
     m1, m2 = first.sum((0, 1)), second.sum((0, 1))
@@ -237,18 +255,19 @@ def prefix_tokens(model, prefix_length: int, n_seq: int, max_prefix: int, gap: i
     """
     if not 0 <= prefix_length <= max_prefix:
         raise ValueError(f"prefix_length must be in [0, {max_prefix}], got {prefix_length}")
-    from sae_lens_attn.models import bos_token_id
-
     n1 = max_prefix + 2
     n2 = max(gap, max_prefix + 1)
     seq = 1 + n1 + 2 + n2 + 1
     r = random_tokens(model, n_seq, seq, seed)
-    r[:, 0] = bos_token_id(model)
+    r[:, 0] = _start_token(model)
     a1, a2 = 1 + n1, seq - 1
     if prefix_length >= 1:
         r[:, a2] = r[:, a1]
         for j in range(1, prefix_length):
             r[:, a2 - j] = r[:, a1 - j]
+    end = model_spec(model).tokens.end
+    if end is not None:  # encoders: [CLS] ... [SEP]; the positions above are unchanged
+        r = torch.cat([r, torch.full((n_seq, 1), end, dtype=torch.long)], dim=1)
     return r, a1, a2
 
 
@@ -272,14 +291,15 @@ def prefix_length_study(
     if sae is not None:
         site = sae_site(sae, site)
         ids = feature_ids(features, sae.cfg.d_sae)
-        names.append(site.hook_name)
+        hook = model_spec(model).capture_hook(site)
+        names.append(hook)
     head_scores, feat = [], []
     for p in lengths:
         toks, a1, a2 = prefix_tokens(model, p, n_seq, max_prefix, gap, seed)
         cache = run_cache(model, toks.to(model_device(model)), names)
         head_scores.append(torch.stack([cache[n][:, :, a2, a1 + 1].mean(0).cpu() for n in names[:n_layers]]))
         if sae is not None:
-            x = site.flatten(cache[site.hook_name])[:, a2].to(sae.W_enc.device, sae.W_enc.dtype)
+            x = site.flatten(cache[hook])[:, a2].to(sae.W_enc.device, sae.W_enc.dtype)
             feat.append(sae.encode_dense(x)[:, ids.to(x.device)].float().mean(0).cpu())
     return PrefixStudy(lengths, torch.stack(head_scores), torch.stack(feat) if feat else None, ids)
 

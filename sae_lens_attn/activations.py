@@ -3,8 +3,12 @@
 * :func:`harvest` runs the model once on token rows and returns every requested site's activations as
   ``[rows, pos, d_in]``. When no gradient is needed the pass stops as soon as the last requested hook has
   fired (the rest of that layer, the later layers, the final norm and the unembedding never run).
-* With ``with_grad=True`` it also returns ``dL/dx`` at each site for the summed next-token cross-entropy,
-  the model's parameters untouched (they are frozen by ``load_model``) and the gradients detached.
+* With ``with_grad=True`` it also returns ``dL/dx`` at each site for the model kind's own loss, summed
+  (:mod:`sae_lens_attn.objective`: next-token cross-entropy for causal LMs; for encoders the masked-token
+  loss, so the activations then come from the masked input), the model's parameters untouched (they are
+  frozen by ``load_model``) and the gradients detached.
+* Sites are read where :meth:`~sae_lens_attn.spec.ModelSpec.capture_hook` says (``attn_out`` at the output
+  projection on every family), and the mask drops the tokenization policy's structural tokens.
 * :func:`activation_batches` turns token rows into shuffled ``[batch, d_in]`` batches for training, with
   the same tokens at every site so many SAEs can train from one pass.
 * :func:`splice` is the context manager evals and analysis use to replace a site's activation.
@@ -20,8 +24,10 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Float, Int
 
-from .models import bos_token_id, model_device
+from .models import model_device
+from .objective import loss_input, token_losses
 from .sites import Site
+from .spec import UnsupportedModelError, model_spec
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -32,9 +38,9 @@ class Harvest(NamedTuple):
     acts: dict[Site, Float[torch.Tensor, "rows pos d_in"]]
     """Each site's activations, heads flattened by the Site."""
     grads: dict[Site, Float[torch.Tensor, "rows pos d_in"]] | None
-    """dL/dx at each site (L: next-token CE summed over positions), or None."""
+    """dL/dx at each site (L: the model kind's loss summed over positions), or None."""
     mask: torch.Tensor
-    """[rows, pos] True where the token is kept (not BOS, when BOS is dropped)."""
+    """[rows, pos] True where the token is kept (not a structural token of the policy, when those are dropped)."""
 
 
 class _StopForward(Exception):
@@ -49,10 +55,15 @@ class SiteBatch(NamedTuple):
 def check_sites(model, sites: Sequence[Site]) -> None:
     if not sites:
         raise ValueError("no sites given")
+    spec = model_spec(model)
     for site in sites:
         site.validate(model.cfg)
-        if site.hook_name not in model.hook_dict:
-            raise ValueError(f"site {site.label}: hook {site.hook_name!r} does not exist in this model")
+        hook = spec.capture_hook(site)
+        if hook not in model.hook_dict:
+            raise UnsupportedModelError(
+                f"site {site.label}: this {spec.family} model has no hook {hook!r} (the attention block's "
+                f"{'output projection' if site.kind == 'attn_out' else 'per-head output'}), so the site cannot be read"
+            )
 
 
 def _check_finite(site: Site, t: torch.Tensor, what: str = "activations") -> None:
@@ -73,8 +84,10 @@ def harvest(
 ) -> Harvest:
     """Run ``model`` once on ``tokens`` and capture every site (and dL/dx at it, with ``with_grad``)."""
     check_sites(model, sites)
+    spec = model_spec(model)
     tokens = tokens.to(model_device(model))
-    hook_names = sorted({s.hook_name for s in sites})
+    hook_of = {s: spec.capture_hook(s) for s in sites}
+    hook_names = sorted(set(hook_of.values()))
     raw: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
     wanted = set(hook_names)
@@ -99,9 +112,10 @@ def harvest(
     fwd = [(name, functools.partial(capture, name=name)) for name in hook_names]
     with model.hooks(fwd_hooks=fwd):
         if with_grad:
+            inp = loss_input(tokens, spec)
             with torch.enable_grad():
-                per_tok = model(tokens, return_type="loss", loss_per_token=True)
-                loss = per_tok.sum()
+                logits = model(inp.tokens, return_type="logits")
+                loss = token_losses(logits, inp.targets, dtype=logits.dtype).sum()
                 grads_raw = dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values())), strict=True))
         else:
             with torch.inference_mode():
@@ -112,17 +126,15 @@ def harvest(
     missing = [n for n in hook_names if n not in raw]
     if missing:
         raise RuntimeError(f"hooks {missing} did not fire; the model's forward pass skipped them")
-    acts = {s: s.flatten(raw[s.hook_name]).clone() for s in sites}
+    acts = {s: s.flatten(raw[hook_of[s]]).clone() for s in sites}
     for s, a in acts.items():
         _check_finite(s, a)
     grads = None
     if with_grad:
-        grads = {s: s.flatten(grads_raw[s.hook_name].detach()).clone() for s in sites}
+        grads = {s: s.flatten(grads_raw[hook_of[s]].detach()).clone() for s in sites}
         for s, g in grads.items():
             _check_finite(s, g, "gradients")
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    if drop_bos:
-        mask &= tokens != bos_token_id(model)
+    mask = spec.tokens.keep(tokens) if drop_bos else torch.ones_like(tokens, dtype=torch.bool)
     return Harvest(acts, grads, mask)
 
 
@@ -207,6 +219,7 @@ def splice(model, site: Site, fn: Callable[[torch.Tensor], torch.Tensor], keep: 
     are not trained on). Hooks are removed on exit, also on error.
     """
     check_sites(model, [site])
+    hook_name = model_spec(model).capture_hook(site)
 
     def hook(tensor: torch.Tensor, hook) -> torch.Tensor:
         flat = site.flatten(tensor)
@@ -215,7 +228,7 @@ def splice(model, site: Site, fn: Callable[[torch.Tensor], torch.Tensor], keep: 
             new = torch.where(keep.to(new.device)[..., None], new, flat)
         return site.unflatten(new, tensor)
 
-    with model.hooks(fwd_hooks=[(site.hook_name, hook)]):
+    with model.hooks(fwd_hooks=[(hook_name, hook)]):
         yield model
 
 

@@ -1,4 +1,8 @@
-"""Text -> packed token rows of ``n_ctx`` tokens, each starting with BOS.
+"""Text -> packed token rows of ``n_ctx`` tokens, framed by the model's tokenization policy.
+
+Rows follow :mod:`sae_lens_attn.tokens`: ``[BOS] body`` for causal LMs (EOS standing in where the tokenizer
+has no BOS), ``[CLS] body [SEP]`` for encoders, the bare body where the tokenizer has neither. Documents are
+joined with the policy's separator (BOS, or SEP for encoders) before the stream is cut into bodies.
 
 Sources: a local text file, a ``.jsonl`` file (a ``text`` field per line), a folder of those, a Hugging
 Face ``datasets`` directory saved with ``save_to_disk``, a hub dataset id (``datasets.load_dataset``, where
@@ -15,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from jaxtyping import Int
+
+from .tokens import TokenPolicy, causal_policy
 
 TEXT_SUFFIXES = (".txt", ".md")
 TOKEN_SUFFIXES = (".npy", ".pt", ".safetensors")
@@ -111,21 +117,27 @@ def load_token_array(path: str | os.PathLike) -> torch.Tensor:
     return arr.long()
 
 
+def as_policy(start: TokenPolicy | int | None) -> TokenPolicy:
+    """A :class:`TokenPolicy`; an int (or None) is the legacy BOS id, as start token and separator."""
+    return start if isinstance(start, TokenPolicy) else causal_policy(start)
+
+
 def iter_token_rows(
     texts: Iterable[str],
     tokenizer,
     n_ctx: int,
-    bos_id: int | None,
+    policy: TokenPolicy | int | None,
     batch_docs: int = 64,
 ) -> Iterator[torch.Tensor]:
-    """Pack documents into rows of ``n_ctx`` tokens; rows start with BOS (``bos_id``) when given.
+    """Pack documents into rows of ``n_ctx`` tokens framed by ``policy`` (a TokenPolicy, or a BOS id).
 
-    Documents are joined with BOS/EOS between them (the usual packing of GPT-2 and Pythia), then cut.
+    Documents are joined with the policy's separator (the usual packing of GPT-2 and Pythia), then cut.
     """
-    body = n_ctx - 1 if bos_id is not None else n_ctx
+    policy = as_policy(policy)
+    body = n_ctx - policy.n_structural
     if body <= 0:
-        raise ValueError(f"n_ctx must be at least 2, got {n_ctx}")
-    sep = [bos_id] if bos_id is not None else ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        raise ValueError(f"n_ctx must leave room for text after the {policy.n_structural} structural token(s), got {n_ctx}")
+    sep = [policy.separator] if policy.separator is not None else []
     buf: list[int] = []
     pending: list[str] = []
 
@@ -137,7 +149,7 @@ def iter_token_rows(
         pending.clear()
         while len(buf) >= body:
             row, buf = buf[:body], buf[body:]
-            yield torch.tensor(([bos_id] if bos_id is not None else []) + row, dtype=torch.long)
+            yield torch.tensor(policy.wrap(row), dtype=torch.long)
 
     for text in texts:
         if text:
@@ -152,12 +164,14 @@ def token_rows(
     source: str | os.PathLike,
     tokenizer,
     n_ctx: int,
-    bos_id: int | None,
+    bos_id: TokenPolicy | int | None,
     max_rows: int | None = None,
     text_field: str = "text",
     split: str = "train",
 ) -> Int[torch.Tensor, "rows n_ctx"]:
-    """All rows of a source, as one tensor (or the first ``max_rows``). Raises on an empty source."""
+    """All rows of a source, as one tensor (or the first ``max_rows``). Raises on an empty source.
+
+    ``bos_id``: the model's :class:`TokenPolicy` (``token_policy(model)``), or a BOS id (legacy)."""
     p = Path(source).expanduser()
     if p.is_file() and p.suffix in TOKEN_SUFFIXES:
         arr = load_token_array(p)
@@ -183,8 +197,9 @@ def token_rows(
     return out
 
 
-def iter_token_rows_from_ids(ids: torch.Tensor, n_ctx: int, bos_id: int | None) -> Iterator[torch.Tensor]:
-    body = n_ctx - 1 if bos_id is not None else n_ctx
+def iter_token_rows_from_ids(ids: torch.Tensor, n_ctx: int, policy: TokenPolicy | int | None) -> Iterator[torch.Tensor]:
+    """Rows from a 1-D token stream, framed by ``policy`` (no separators added: the stream has its own)."""
+    policy = as_policy(policy)
+    body = n_ctx - policy.n_structural
     for start in range(0, len(ids) - body + 1, body):
-        chunk = ids[start : start + body]
-        yield torch.cat([torch.tensor([bos_id]), chunk]) if bos_id is not None else chunk
+        yield torch.tensor(policy.wrap(ids[start : start + body].tolist()), dtype=torch.long)

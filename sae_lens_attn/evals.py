@@ -1,21 +1,27 @@
 """Metrics shared by training and analysis: L0, FVU, CE loss recovered (zero and mean ablation), KL, dead.
 
 CE loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean), where the spliced run replaces the
-site's activation by the SAE's reconstruction at every non-BOS position (BOS keeps its clean value, as the
-SAE never saw it), and the ablated run replaces it by zeros or by its mean over the evaluation tokens.
+site's activation by the SAE's reconstruction at every text position (structural tokens such as BOS keep
+their clean value, as the SAE never saw them), and the ablated run replaces it by zeros or by its mean over
+the evaluation tokens. The loss is the model kind's own (:mod:`sae_lens_attn.objective`): next-token CE for
+causal LMs, masked-token CE for encoders (KL then on the masked positions too). A model with newly
+initialised weights (e.g. an encoder saved without its masked-LM head) gets no CE/KL numbers: they are
+``None`` with the reason in ``lm_note``; the reconstruction metrics are exact either way.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .activations import harvest, splice
-from .models import bos_token_id, model_device
+from .models import model_device
+from .objective import MASK_SHARE, kl_per_position, loss_input, token_losses
 from .sae import SAE
 from .sites import Site
+from .spec import model_spec
 
 
 @dataclass
@@ -29,20 +35,24 @@ class SAEMetrics:
     """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
     explained_variance: float
     """1 - FVU."""
-    ce_clean: float
-    ce_spliced: float
-    ce_zero_ablated: float
-    ce_mean_ablated: float
-    ce_recovered_zero: float
+    ce_clean: float | None
+    ce_spliced: float | None
+    ce_zero_ablated: float | None
+    ce_mean_ablated: float | None
+    ce_recovered_zero: float | None
     """CE loss recovered against zero-ablation of the site."""
-    ce_recovered_mean: float
+    ce_recovered_mean: float | None
     """CE loss recovered against mean-ablation of the site."""
-    kl_spliced: float
-    """Mean KL(clean || spliced) of the next-token distributions, nats per token."""
+    kl_spliced: float | None
+    """Mean KL(clean || spliced) of the output distributions where the loss is read, nats per position."""
     dead_fraction: float
     """Latents that never fired on the evaluation tokens."""
     mean_density: float
     """Mean firing frequency per latent."""
+    loss_kind: str = "next-token"
+    """``next-token`` (causal LMs) or ``masked-token`` (encoders: MASK_SHARE of text positions masked)."""
+    lm_note: str = ""
+    """Why the CE/KL fields are None (empty when they are given)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,81 +65,97 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float(resid / total)
 
 
+class _Recon:
+    """Pass-1 sums: reconstruction error, activation moments, firing counts."""
+
+    def __init__(self, d_sae: int):
+        self.counts = torch.zeros(d_sae, dtype=torch.float64)
+        self.n_tok = 0
+        self.sq_err = 0.0
+        self.xs_sum: torch.Tensor | None = None
+        self.xs_sq = 0.0
+        self.l0_sum = 0.0
+
+    def add(self, sae: SAE, x: torch.Tensor) -> None:
+        code = sae.encode(x)
+        x_hat = sae.decode(code.values, code.indices)
+        active = code.values > 0
+        self.l0_sum += float(active.sum())
+        self.counts.index_add_(0, code.indices[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
+        self.sq_err += float((x - x_hat).double().pow(2).sum())
+        self.xs_sum = x.double().sum(0) if self.xs_sum is None else self.xs_sum + x.double().sum(0)
+        self.xs_sq += float(x.double().pow(2).sum())
+        self.n_tok += x.shape[0]
+
+
 @torch.no_grad()
 def evaluate_sae(
     model, sae: SAE, site: Site, rows: torch.Tensor, batch_rows: int = 16
 ) -> tuple[SAEMetrics, torch.Tensor]:
     """Metrics of ``sae`` at ``site`` on token ``rows``; also returns each latent's firing frequency."""
     sae.check_site(site, model.cfg)
-    device = model_device(model)
-    bos = bos_token_id(model)
-    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    n_tok = 0
-    sq_err = 0.0
-    xs_sum = None
-    xs_sq = 0.0
-    l0_sum = 0.0
-    # First pass: reconstruction statistics and the site's mean activation (for mean-ablation).
+    spec = model_spec(model)
+    rec = _Recon(sae.cfg.d_sae)
     for chunk in rows.split(batch_rows):
         h = harvest(model, chunk, [site])
-        x = h.acts[site][h.mask].to(sae.W_enc.dtype)
-        code = sae.encode(x)
-        x_hat = sae.decode(code.values, code.indices)
-        active = code.values > 0
-        l0_sum += float(active.sum())
-        counts.index_add_(0, code.indices[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
-        sq_err += float((x - x_hat).double().pow(2).sum())
-        xs_sum = x.double().sum(0) if xs_sum is None else xs_sum + x.double().sum(0)
-        xs_sq += float(x.double().pow(2).sum())
-        n_tok += x.shape[0]
-    if n_tok == 0:
-        raise ValueError("evaluation rows hold no non-BOS tokens")
-    mean_act = (xs_sum / n_tok).to(sae.W_enc.dtype)
-    total_var = xs_sq - float((xs_sum**2).sum()) / n_tok
-    ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0}
-    kl_sum = 0.0
-    n_pred = 0
-    for chunk in rows.split(batch_rows):
-        chunk = chunk.to(device)
-        keep = chunk != bos
-        clean_logits = model(chunk, return_type="logits")
-        with splice(model, site, lambda flat: sae.reconstruct(flat), keep):
-            spliced_logits = model(chunk, return_type="logits")
-        with splice(model, site, lambda flat: torch.zeros_like(flat), keep):
-            zero_logits = model(chunk, return_type="logits")
-        with splice(model, site, lambda flat: mean_act.to(flat.dtype).expand_as(flat), keep):
-            mean_logits = model(chunk, return_type="logits")
-        for key, logits in (("clean", clean_logits), ("spliced", spliced_logits), ("zero", zero_logits), ("mean", mean_logits)):
-            ce[key] += float(_next_token_ce(logits, chunk).sum())
-        lp_clean = F.log_softmax(clean_logits[:, :-1].double(), -1)
-        lp_spl = F.log_softmax(spliced_logits[:, :-1].double(), -1)
-        kl_sum += float((lp_clean.exp() * (lp_clean - lp_spl)).sum())
-        n_pred += chunk.shape[0] * (chunk.shape[1] - 1)
-    ce = {k: v / n_pred for k, v in ce.items()}
-    fvu_val = sq_err / max(total_var, 1e-30)
-    density = counts / n_tok
+        rec.add(sae, h.acts[site][h.mask].to(sae.W_enc.dtype))
+    if rec.n_tok == 0:
+        raise ValueError("evaluation rows hold no text tokens (only the policy's structural tokens)")
+    mean_act = (rec.xs_sum / rec.n_tok).to(sae.W_enc.dtype)
+    total_var = rec.xs_sq - float((rec.xs_sum**2).sum()) / rec.n_tok
+    note = spec.lm_refusal or ""
+    ce = None if note else _loss_metrics(model, sae, site, rows, batch_rows, mean_act)
+    if note:
+        warnings.warn(f"{site.label}: {note}", UserWarning, stacklevel=2)
+    fvu_val = rec.sq_err / max(total_var, 1e-30)
+    density = rec.counts / rec.n_tok
+    get = (lambda k: ce[k]) if ce is not None else (lambda k: None)
     metrics = SAEMetrics(
         site=site.label,
-        l0=l0_sum / n_tok,
+        l0=rec.l0_sum / rec.n_tok,
         fvu=fvu_val,
         explained_variance=1 - fvu_val,
-        ce_clean=ce["clean"],
-        ce_spliced=ce["spliced"],
-        ce_zero_ablated=ce["zero"],
-        ce_mean_ablated=ce["mean"],
-        ce_recovered_zero=_recovered(ce["zero"], ce["spliced"], ce["clean"]),
-        ce_recovered_mean=_recovered(ce["mean"], ce["spliced"], ce["clean"]),
-        kl_spliced=kl_sum / n_pred,
-        dead_fraction=float((counts == 0).double().mean()),
+        ce_clean=get("clean"),
+        ce_spliced=get("spliced"),
+        ce_zero_ablated=get("zero"),
+        ce_mean_ablated=get("mean"),
+        ce_recovered_zero=_recovered(ce["zero"], ce["spliced"], ce["clean"]) if ce else None,
+        ce_recovered_mean=_recovered(ce["mean"], ce["spliced"], ce["clean"]) if ce else None,
+        kl_spliced=get("kl"),
+        dead_fraction=float((rec.counts == 0).double().mean()),
         mean_density=float(density.mean()),
+        loss_kind="next-token" if spec.kind == "causal" else f"masked-token ({MASK_SHARE:.0%} of text positions)",
+        lm_note=note,
     )
     return metrics, density.float()
 
 
-def _next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1), reduction="none"
-    )
+def _loss_metrics(model, sae: SAE, site: Site, rows: torch.Tensor, batch_rows: int, mean_act: torch.Tensor) -> dict:
+    """Mean loss of the clean, spliced, zero- and mean-ablated runs, and the spliced run's KL."""
+    spec = model_spec(model)
+    device = model_device(model)
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
+    n_pred = 0
+    for chunk in rows.split(batch_rows):
+        inp = loss_input(chunk.to(device), spec)
+        keep = spec.tokens.keep(inp.tokens)
+        logits = {"clean": model(inp.tokens, return_type="logits")}
+        edits = {
+            "spliced": lambda flat: sae.reconstruct(flat),
+            "zero": lambda flat: torch.zeros_like(flat),
+            "mean": lambda flat: mean_act.to(flat.dtype).expand_as(flat),
+        }
+        for key, fn in edits.items():
+            with splice(model, site, fn, keep):
+                logits[key] = model(inp.tokens, return_type="logits")
+        for key, lg in logits.items():
+            sums[key] += float(token_losses(lg, inp.targets).sum())
+        read = inp.targets != -100
+        sums["kl"] += float(kl_per_position(logits["clean"], logits["spliced"])[read].sum())
+        n_pred += int(read.sum())
+    if n_pred == 0:
+        raise ValueError("evaluation rows have no position where the loss is read")
+    return {k: v / n_pred for k, v in sums.items()}
 
 
 def _recovered(ablated: float, spliced: float, clean: float) -> float:
@@ -150,8 +176,12 @@ def format_metrics_table(metrics: list[SAEMetrics]) -> str:
         ("CE spliced", "ce_spliced", "{:.3f}"),
         ("dead", "dead_fraction", "{:.1%}"),
     ]
-    cells = [[fmt.format(getattr(m, attr)) for _, attr, fmt in cols] for m in metrics]
+    cells = [[fmt.format(getattr(m, attr)) if getattr(m, attr) is not None else "refused" for _, attr, fmt in cols]
+             for m in metrics]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, (h, _, _) in enumerate(cols)]
     line = "  ".join(h.rjust(w) for (h, _, _), w in zip(cols, widths))
     body = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join([line, "-" * len(line), *body])
+    notes = sorted({f"{m.site}: {m.lm_note}" for m in metrics if m.lm_note})
+    kinds = sorted({m.loss_kind for m in metrics})
+    foot = [f"loss: {', '.join(kinds)}"] if kinds != ["next-token"] else []
+    return "\n".join([line, "-" * len(line), *body, *foot, *notes])

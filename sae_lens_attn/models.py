@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .spec import derive_spec, model_spec
+from .tokens import TokenPolicy, policy_from_tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "default_model"
@@ -52,26 +57,92 @@ def load_model(
     ``name_or_path``: a hub id (``"gpt2"``, ``"EleutherAI/pythia-70m"``), a local directory in Hugging
     Face format, or None for the embedded default. Parameters are frozen (``requires_grad=False``): the
     toolkit only ever differentiates with respect to activations.
-    """
-    from transformer_lens.model_bridge import TransformerBridge
 
+    The model's :class:`~sae_lens_attn.spec.ModelSpec` (family, kind, heads, layout, tokenization policy,
+    weights the checkpoint lacked) is derived here, once, and read by everything else through
+    :func:`~sae_lens_attn.spec.model_spec`. Weights that were newly initialised because the checkpoint
+    lacked them are reported in a warning (and loss-based metrics on such a model are refused). The
+    ``transformers`` logger's level is left as it was (TransformerLens sets it to ERROR on import).
+    """
     local = _local_dir(name_or_path)
     target = str(local) if local is not None else str(name_or_path)
     device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    tf_logger = logging.getLogger("transformers")
+    level = tf_logger.level
     try:
-        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
-    except OSError as err:
-        raise OSError(
-            f"could not load model {target!r}: it is not a local directory and the hub could not serve it "
-            f"({err.__class__.__name__}: {err}). Pass a local Hugging Face directory, or check the hub id "
-            "and the network"
-        ) from err
+        from transformer_lens.model_bridge import TransformerBridge
+
+        with _loading_report() as report:
+            try:
+                bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+            except OSError as err:
+                raise OSError(
+                    f"could not load model {target!r}: it is not a local directory and the hub could not serve it "
+                    f"({err.__class__.__name__}: {err}). Pass a local Hugging Face directory, or check the hub "
+                    "id and the network"
+                ) from err
+        tokenizer = _saved_tokenizer(target, bridge)
+    finally:
+        tf_logger.setLevel(level)
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
     bridge.sae_lens_attn_name = resolve_model_name(name_or_path)  # type: ignore[attr-defined]
+    encoder = getattr(bridge.cfg, "attention_dir", "causal") == "bidirectional"
+    new = tuple(sorted(report.missing)) if report.checked else None
+    bridge.sae_lens_attn_spec = derive_spec(bridge, policy_from_tokenizer(tokenizer, encoder), new)  # type: ignore[attr-defined]
+    if new:
+        warnings.warn(
+            f"{target}: {len(new)} weight(s) were not in the checkpoint and were newly initialised at load "
+            f"({', '.join(new[:8])}{' ...' if len(new) > 8 else ''}); loss-based metrics (CE, KL) will be refused",
+            UserWarning, stacklevel=2,
+        )
     return bridge
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.missing: set[str] = set()
+        self.checked = False
+
+
+@contextmanager
+def _loading_report():
+    """Record the keys ``transformers`` reports missing from the checkpoint (newly initialised) while a
+    model loads. ``transformers`` hands every load's structured report to ``log_state_dict_report``; it is
+    wrapped for the duration. Where this ``transformers`` has no such function, ``checked`` stays False."""
+    report = _Report()
+    try:
+        import transformers.modeling_utils as mu
+    except ImportError:  # pragma: no cover
+        yield report
+        return
+    original = getattr(mu, "log_state_dict_report", None)
+    if original is None:
+        yield report
+        return
+    report.checked = True
+
+    def wrapped(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, *a, **kw):
+        report.missing |= {str(k) for k in getattr(loading_info, "missing_keys", ()) or ()}
+        report.missing |= {str(k[0]) for k in getattr(loading_info, "mismatched_keys", ()) or ()}
+        return original(model, pretrained_model_name_or_path, ignore_mismatched_sizes, loading_info, *a, **kw)
+
+    mu.log_state_dict_report = wrapped
+    try:
+        yield report
+    finally:
+        mu.log_state_dict_report = original
+
+
+def _saved_tokenizer(target: str, bridge):
+    """The tokenizer as saved with the model (the bridge changes a missing BOS/EOS into ``<|endoftext|>``)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(target)
+    except Exception:  # remote-code or unusual tokenizers: the bridge's copy, read with care by the policy
+        return bridge.tokenizer
 
 
 def model_name(model) -> str:
@@ -79,13 +150,15 @@ def model_name(model) -> str:
     return getattr(model, "sae_lens_attn_name", None) or getattr(model.cfg, "model_name", "unknown")
 
 
-def bos_token_id(model) -> int:
-    """The token every packed row starts with: the tokenizer's BOS, else its EOS."""
-    tok = model.tokenizer
-    for tid in (tok.bos_token_id, tok.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    raise ValueError("the model's tokenizer has neither a BOS nor an EOS token; pass prepend_bos=False")
+def bos_token_id(model) -> int | None:
+    """The token every row and prompt starts with under the model's tokenization policy (BOS, EOS standing
+    in for a missing BOS, or CLS for encoders), or None when the policy has none."""
+    return model_spec(model).tokens.start
+
+
+def token_policy(model) -> TokenPolicy:
+    """The model's tokenization policy (:mod:`sae_lens_attn.tokens`)."""
+    return model_spec(model).tokens
 
 
 def model_device(model) -> torch.device:

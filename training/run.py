@@ -39,7 +39,7 @@ from sae_lens_attn.cache import CachedActivations, write_cache
 from sae_lens_attn.data import token_rows
 from sae_lens_attn.evals import SAEMetrics, evaluate_sae, format_metrics_table
 from sae_lens_attn.files import atomic_write
-from sae_lens_attn.models import SAMPLE_TEXT, bos_token_id, load_model, model_name
+from sae_lens_attn.models import SAMPLE_TEXT, load_model, model_name, token_policy
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site, parse_sites
 
@@ -96,7 +96,8 @@ def build_saes(
                 "hook_layer": site.layer,
                 "hook_head_index": site.head,
                 "context_size": context_size,
-                "prepend_bos": True,
+                "prepend_bos": token_policy(model).prepend_bos,
+                "token_policy": token_policy(model).rule,
                 "exclude_special_tokens": cfg.drop_bos,
                 "dataset_path": cfg.dataset or "sae_lens_attn/assets/sample_text.txt",
                 "training_tokens": cfg.tokens,
@@ -323,7 +324,7 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
         )
     context_size = min(cfg.context_size, int(model.cfg.n_ctx))
     source = cfg.dataset or SAMPLE_TEXT
-    rows = token_rows(source, model.tokenizer, context_size, bos_token_id(model), text_field=cfg.text_field)
+    rows = token_rows(source, model.tokenizer, context_size, token_policy(model), text_field=cfg.text_field)
     rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))]
     n_eval = min(cfg.eval_rows, rows.shape[0] // 4)
     eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
