@@ -163,7 +163,7 @@ def run_dashboard(args) -> int:
 
     from .dashboard import DashboardConfig, write_dashboards
     from .features import StatsConfig, feature_stats
-    from .induction import feature_induction_scores
+    from .induction import feature_induction_scores, max_repeat_length
 
     model, sae, site, rows, features = _load(args)
     stats = feature_stats(model, sae, rows, features=features, site=site,
@@ -171,7 +171,8 @@ def run_dashboard(args) -> int:
     if features is None:
         order = stats.fire_count.argsort(descending=True)
         features = [int(stats.features[i]) for i in order[: args.n_features] if stats.fire_count[i] > 0]
-    scores = feature_induction_scores(model, sae, seed=args.seed, features=torch.tensor(features), site=site)
+    scores = feature_induction_scores(model, sae, seed=args.seed, features=torch.tensor(features), site=site,
+                                      length=max_repeat_length(model))
     extra = {"induction mass": dict(zip(features, scores.mass_second.tolist()))}
     out = args.out or str(Path("dashboards") / site.label)
     files = write_dashboards(model, sae, stats, out, features, site, DashboardConfig(plotlyjs=args.plotlyjs), extra)

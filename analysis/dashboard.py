@@ -22,7 +22,7 @@ import torch
 from sae_lens_attn.models import model_name
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
-from sae_lens_attn.spec import model_spec
+from sae_lens_attn.spec import UnsupportedModelError, model_spec
 
 from ._common import decode_token, sae_site
 from .dfa import dfa_by_source
@@ -173,16 +173,21 @@ def feature_page(model, sae: SAE, stats: FeatureStats, feature: int, site: Site 
         fig.update_layout(title="Activation histogram (non-zero, log-spaced bins)", height=280,
                           xaxis=dict(type="log", title="activation"), yaxis=dict(title="tokens"))
         cards.append(figs.html(fig))
-    eff = logit_effects(model, sae, [feature], site, k=cfg.n_logits)
-    names_top = [_tok_text(tok, int(t)) for t in eff.top_tokens[0]]
-    names_bot = [_tok_text(tok, int(t)) for t in eff.bottom_tokens[0]]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("top logits", "bottom logits"), horizontal_spacing=0.25)
-    fig.add_trace(go.Bar(y=[repr(n) for n in names_top][::-1], x=eff.top_values[0].tolist()[::-1], orientation="h",
-                         marker_color="#54a24b"), row=1, col=1)
-    fig.add_trace(go.Bar(y=[repr(n) for n in names_bot][::-1], x=eff.bottom_values[0].tolist()[::-1], orientation="h",
-                         marker_color="#e45756"), row=1, col=2)
-    fig.update_layout(title="Direct logit effect", height=90 + 22 * cfg.n_logits, showlegend=False)
-    cards.append(figs.html(fig))
+    try:
+        eff = logit_effects(model, sae, [feature], site, k=cfg.n_logits)
+    except UnsupportedModelError as err:  # encoders / post-norm models: no direct logit effect
+        eff = None
+        cards.append(f"<h3>Direct logit effect</h3><p class=\"meta\">not shown: {html.escape(str(err))}</p>")
+    if eff is not None:
+        names_top = [_tok_text(tok, int(t)) for t in eff.top_tokens[0]]
+        names_bot = [_tok_text(tok, int(t)) for t in eff.bottom_tokens[0]]
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("top logits", "bottom logits"), horizontal_spacing=0.25)
+        fig.add_trace(go.Bar(y=[repr(n) for n in names_top][::-1], x=eff.top_values[0].tolist()[::-1], orientation="h",
+                             marker_color="#54a24b"), row=1, col=1)
+        fig.add_trace(go.Bar(y=[repr(n) for n in names_bot][::-1], x=eff.bottom_values[0].tolist()[::-1], orientation="h",
+                             marker_color="#e45756"), row=1, col=2)
+        fig.update_layout(title="Direct logit effect", height=90 + 22 * cfg.n_logits, showlegend=False)
+        cards.append(figs.html(fig))
     if top:
         fig, pre, by_head = _dfa_figure(model, sae, site, stats, feature, top[0])
         heads = ", ".join(f"H{h} {v:+.3g}" for h, v in enumerate(by_head.tolist()))

@@ -68,8 +68,18 @@ def _frame(model, body: torch.Tensor) -> torch.Tensor:
 def repeated_tokens(model, n_seq: int = 16, length: int = 32, seed: int = 0) -> Int[torch.Tensor, "n_seq seq"]:
     """``[BOS, r, r]`` rows (``[CLS, r, r, SEP]`` for encoders; seq = 1 + 2 * length (+ 1)), r without
     repeated tokens."""
+    n_ctx = int(model.cfg.n_ctx)
+    room = (n_ctx - model_spec(model).tokens.n_structural) // 2
+    if length > room:
+        raise ValueError(f"a sequence of {length} tokens repeated twice does not fit the model's context of {n_ctx} "
+                         f"tokens; use a length <= {room}")
     r = random_tokens(model, n_seq, length, seed)
     return _frame(model, torch.cat([r, r], dim=1))
+
+
+def max_repeat_length(model, want: int = 32) -> int:
+    """``want``, or less where the model's context cannot hold ``[start, r, r]`` of that length."""
+    return max(1, min(want, (int(model.cfg.n_ctx) - model_spec(model).tokens.n_structural) // 2))
 
 
 class HeadInductionScores(NamedTuple):

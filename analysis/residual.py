@@ -149,16 +149,18 @@ def residual_components(model, tokens: Int[torch.Tensor, "batch pos"], layer: in
         raise ValueError(f"residual components follow one prompt (norm scales are per prompt): got {tokens.shape[0]} rows")
     spec = model_spec(model)
     maps = WriteMaps(model, tokens, layer)
-    embed_parts = [("embed", "hook_embed")]
+    # the embedding modules' own outputs: ``hook_embed`` is an alias of the embedding norm's output where a
+    # model has one (BERT), not of the word embedding
+    embed_parts = [("embed", "embed.hook_out" if "embed.hook_out" in model.hook_dict else "hook_embed")]
     if "hook_pos_embed" in model.hook_dict and getattr(model.cfg, "positional_embedding_type", "") == "standard":
-        embed_parts.append(("pos_embed", "hook_pos_embed"))
+        embed_parts.append(("pos_embed", "pos_embed.hook_out" if "pos_embed.hook_out" in model.hook_dict else "hook_pos_embed"))
     if spec.layout == "post_norm" and "token_type_embed.hook_out" in model.hook_dict:
         embed_parts.append(("token_type", "token_type_embed.hook_out"))
     names = [h for _, h in embed_parts] + [f"blocks.{layer}.hook_resid_pre"]
     for up in range(layer):
         names += [f"blocks.{up}.attn.hook_z", f"blocks.{up}.hook_mlp_out"]
     cache = run_cache(model, tokens, names, stop_at_layer=layer + 1 if layer < model.cfg.n_layers else None)
-    shape = cache["hook_embed"].shape
+    shape = cache[embed_parts[0][1]].shape
     labels: list[str] = []
     parts: list[torch.Tensor] = []
     for label, hook in embed_parts:

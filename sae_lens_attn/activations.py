@@ -85,6 +85,8 @@ def harvest(
     """Run ``model`` once on ``tokens`` and capture every site (and dL/dx at it, with ``with_grad``)."""
     check_sites(model, sites)
     spec = model_spec(model)
+    if with_grad and spec.lm_refusal:
+        raise UnsupportedModelError(f"gradients of the model's loss are refused: {spec.lm_refusal}")
     tokens = tokens.to(model_device(model))
     hook_of = {s: spec.capture_hook(s) for s in sites}
     hook_names = sorted(set(hook_of.values()))
