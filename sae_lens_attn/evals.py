@@ -73,8 +73,8 @@ def evaluate_sae(
     for chunk in rows.split(batch_rows):
         h = harvest(model, chunk, [site])
         x = h.acts[site][h.mask].to(sae.W_enc.dtype)
-        code = sae.encode(x)
-        x_hat = sae.decode(code.values, code.indices)
+        code = sae.encode_sparse(x)
+        x_hat = sae.decode_sparse(code.values, code.indices)
         active = code.values > 0
         l0_sum += float(active.sum())
         counts.index_add_(0, code.indices[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
@@ -93,7 +93,7 @@ def evaluate_sae(
         chunk = chunk.to(device)
         keep = chunk != bos
         clean_logits = model(chunk, return_type="logits")
-        with splice(model, site, lambda flat: sae.reconstruct(flat), keep):
+        with splice(model, site, lambda flat: sae(flat), keep):
             spliced_logits = model(chunk, return_type="logits")
         with splice(model, site, lambda flat: torch.zeros_like(flat), keep):
             zero_logits = model(chunk, return_type="logits")
