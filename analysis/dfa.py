@@ -15,7 +15,7 @@ the bias term (attn_out = sum_h z_h W_O[h] + b_O).
 Every architecture is attributed through the one linear map that decides and sizes its features,
 ``sae.linear_encoder()`` (``pre = x @ W + b``): W_enc for TopK, ReLU, JumpReLU and BatchTopK; for a
 gated SAE the *magnitude* path, ``W = W_enc * exp(r_mag)`` with bias ``b_mag - b_dec @ W``, the value of
-an active feature (its gate, ``x @ W_enc + b_gate > 0``, only says whether it is active and is not
+an active feature (its gate, ``(x - b_dec) @ W_enc + b_gate > 0``, only says whether it is active and is not
 attributed).
 """
 

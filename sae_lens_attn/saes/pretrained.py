@@ -32,8 +32,6 @@ from .files import read_tensors
 from .loading import build_sae, load_sae
 
 REGISTRY_FILE = Path(__file__).with_name("pretrained_releases.json")
-_WIDTHS = {"width_4k": 4096, "width_16k": 16384, "width_32k": 32768, "width_65k": 65536, "width_131k": 131072,
-           "width_262k": 262144, "width_524k": 524288, "width_1m": 1048576}
 
 
 @cache
@@ -62,7 +60,10 @@ def _sae_path(release: str, sae_id: str) -> str:
     if len(ids) <= 40:
         listing = f"valid ids: {list(ids)}"
     else:
-        close = difflib.get_close_matches(sae_id, list(ids), n=8, cutoff=0.0)
+        def nearness(s: str) -> tuple[int, float]:  # the longest shared prefix first, then similarity
+            return -len(os.path.commonprefix([sae_id, s])), -difflib.SequenceMatcher(None, sae_id, s).ratio()
+
+        close = sorted(ids, key=nearness)[:8]
         listing = (f"closest of its {len(ids)} ids: {close} (all of them: "
                    f"sae_lens_attn.saes.pretrained.pretrained_saes({release!r}))")
     raise ValueError(f"release {release!r} has no SAE {sae_id!r}; {listing}")
@@ -88,15 +89,15 @@ def fetch_file(repo_id: str, filename: str, local_dir: str | os.PathLike | None 
         ) from err
 
 
-def gemma_scope_cfg(release: str, sae_id: str, path: str) -> dict[str, Any]:
-    """The v6 config of one Gemma Scope attention SAE (as SAELens' ``gemma_2`` converter builds it)."""
+def gemma_scope_cfg(release: str, sae_id: str, path: str, W_enc_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The v6 config of one Gemma Scope attention SAE (as SAELens' ``gemma_2`` converter builds it). d_in and
+    d_sae are the file's (``W_enc_shape``): 2048 = 8 heads x 256 on Gemma 2 2B, and the path's width."""
     rel = _release(release)
     layer = re.search(r"layer_(\d+)", path)
-    width = next((w for key, w in _WIDTHS.items() if key in path), None)
-    if layer is None or width is None:
-        raise ValueError(f"{release}: cannot read the layer and width from the SAE path {path!r}")
+    if layer is None or len(W_enc_shape) != 2:
+        raise ValueError(f"{release}: cannot read the layer from the SAE path {path!r}, or W_enc is not a matrix")
     return {
-        "architecture": rel["architecture"], "d_in": int(rel["d_in"]), "d_sae": width, "dtype": "float32",
+        "architecture": rel["architecture"], "d_in": int(W_enc_shape[0]), "d_sae": int(W_enc_shape[1]), "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": bool(rel["apply_b_dec_to_input"]), "normalize_activations": "none",
         "reshape_activations": "hook_z",
         "metadata": {"model_name": rel["model"], "hook_name": f"blocks.{layer.group(1)}.attn.hook_z",
@@ -126,5 +127,8 @@ def from_pretrained(release: str, sae_id: str, *, device: str | torch.device | N
     if rel["format"] == "gemma_scope_npz":
         f = fetch_file(repo, f"{path}/params.npz", local_dir)
         tensors = {("W_" + k[2:] if k.startswith("w_") else k): t.float() for k, t in read_tensors(f).items()}
-        return build_sae(gemma_scope_cfg(release, sae_id, path), tensors, str(f), f, device)
+        if "W_enc" not in tensors:
+            raise SAEFileError(f"{f}: no W_enc (has {sorted(tensors)}); not a Gemma Scope params.npz")
+        cfg = gemma_scope_cfg(release, sae_id, path, tuple(tensors["W_enc"].shape))
+        return build_sae(cfg, tensors, str(f), f, device)
     raise ValueError(f"{release}: unknown file format {rel['format']!r} in {REGISTRY_FILE}")  # pragma: no cover
