@@ -51,17 +51,17 @@ class HeadEncoder(NamedTuple):
     """hook_z SAE: the head's block of W_enc; one-head SAE: W_enc at its head, 0 elsewhere;
     hook_attn_out SAE: ``W_O[h] @ W_enc`` (attn_out = sum_h z_h W_O[h] + b_O, b_O = 0 where the model has none)."""
     bias: Float[torch.Tensor, " f"]
-    """``b_enc - b_dec @ W_enc`` (with apply_b_dec_to_input), plus ``b_O @ W_enc`` for hook_attn_out."""
+    """``b_enc - b_dec @ W_enc`` (with apply_b_dec_to_input), plus ``b_O @ W_enc`` for hook_attn_out; the
+    SAE's :meth:`~sae_lens_attn.saes.SAE.linear_encoder` gives W_enc and this bias for every architecture
+    (gated SAEs: the magnitude path)."""
 
 
 def head_encoder(model, sae: SAE, site: Site, features: FeatureIds = None) -> HeadEncoder:
     """Per-head encoder of ``sae`` at ``site`` for ``features`` (DFA: Kissane et al. 2024, section 3.2)."""
     sae.check_site(site, model.cfg)
     ids = feature_ids(features, sae.cfg.d_sae).to(sae.W_enc.device)
-    W_enc = sae.W_enc.detach()[:, ids].float()
-    bias = sae.b_enc.detach()[ids].float()
-    if sae.cfg.apply_b_dec_to_input:
-        bias = bias - sae.b_dec.detach().float() @ W_enc
+    with torch.no_grad():
+        W_enc, bias = sae.linear_encoder(ids, dtype=torch.float32)  # pre = x @ W + b, b_dec folded into b
     n_heads, d_head = int(model.cfg.n_heads), int(model.cfg.d_head)
     if site.kind == "attn_out":
         aw = attn_weights(model, site.layer, W_enc.device)

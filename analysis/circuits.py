@@ -255,13 +255,13 @@ def sae_spliced(model, sae: SAE, site: Site | None = None, edit: FeatureEdit | N
 
     def fn(flat: torch.Tensor) -> torch.Tensor:
         x = flat.to(sae.W_enc.device, sae.W_enc.dtype)
-        feats = sae.encode_dense(x)
-        err = x - sae.decode_dense(feats)
+        feats = sae.encode(x)
+        err = x - sae.decode(feats)
         if record is not None:
             record["features"] = feats.detach()
             record["error"] = err.detach()
         new = feats if edit is None else edit(feats)
-        return (sae.decode_dense(new) + err).to(flat.device)
+        return (sae.decode(new) + err).to(flat.device)
 
     with splice(model, site, fn):
         yield model

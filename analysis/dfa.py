@@ -16,6 +16,12 @@ after the destination then count like the others.
 For an SAE on attn_out the same holds with ``W_O[h] @ W_enc`` in place of the head block and b_O in the bias
 term (attn_out = sum_h z_h W_O[h] + b_O, read at the output projection on every family, before any
 post-attention norm; b_O = 0 where the projection has no bias).
+
+Every architecture is attributed through the one linear map that decides and sizes its features,
+``sae.linear_encoder()`` (``pre = x @ W + b``): W_enc for TopK, ReLU, JumpReLU and BatchTopK; for a
+gated SAE the *magnitude* path, ``W = W_enc * exp(r_mag)`` with bias ``b_mag - b_dec @ W``, the value of
+an active feature (its gate, ``(x - b_dec) @ W_enc + b_gate > 0``, only says whether it is active and is not
+attributed).
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ class DFAResult(NamedTuple):
 
     features: Int[torch.Tensor, " f"]
     pre: Float[torch.Tensor, "batch pos f"]
-    """The SAE's pre-activations, computed by ``sae.encode_pre`` from the cached site activation."""
+    """The SAE's pre-activations, computed by ``sae.encode_pre`` from the cached site activation (gated
+    SAEs: the magnitude pre-activation)."""
     acts: Float[torch.Tensor, "batch pos f"]
-    """The SAE's (TopK) activations: ``pre`` where the feature is among the k kept, else 0."""
+    """The SAE's activations (``sae.encode``): e.g. ReLU(``pre``) where the feature is among TopK's k kept
+    or above JumpReLU's threshold, else 0."""
     by_head: Float[torch.Tensor, "batch pos n_heads f"]
     """``DFA_{i,h}``; ``by_head.sum(2) + bias == pre``."""
     bias: Float[torch.Tensor, " f"]
@@ -72,7 +80,7 @@ def _hooks(model, site: Site, with_source: bool) -> list[str]:
 def _pre_and_acts(sae: SAE, site: Site, act: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = site.flatten(act).to(sae.W_enc.device, sae.W_enc.dtype)
     pre = sae.encode_pre(flat)
-    dense = sae.encode_dense(flat)
+    dense = sae.encode(flat)
     return pre[..., ids].float(), dense[..., ids].float()
 
 

@@ -280,7 +280,7 @@ def feature_stats(
         batch = batch.long().cpu()
         h = harvest(model, batch, [site], drop_bos=False)
         x = h.acts[site].to(sae.W_enc.device, sae.W_enc.dtype)
-        acts = sae.encode_dense(x)[..., ids.to(x.device)].float().cpu()  # [b, pos, F]
+        acts = sae.encode(x)[..., ids.to(x.device)].float().cpu()  # [b, pos, F]
         text = policy.keep(batch)
         acts = acts.masked_fill(~text[..., None], 0.0)
         b, seq, _ = acts.shape

@@ -148,7 +148,7 @@ def feature_induction_scores(
     hook = model_spec(model).capture_hook(site)
     cache = run_cache(model, tokens.to(model_device(model)), [hook], stop_at_layer=site.layer + 1)
     x = site.flatten(cache[hook]).to(sae.W_enc.device, sae.W_enc.dtype)
-    acts = sae.encode_dense(x)[..., ids.to(x.device)].float().cpu()  # [n, seq, f]
+    acts = sae.encode(x)[..., ids.to(x.device)].float().cpu()  # [n, seq, f]
     first, second = acts[:, 1 : length + 1], acts[:, length + 1 : 2 * length + 1]
     m1, m2 = first.sum((0, 1)), second.sum((0, 1))
     total = m1 + m2
@@ -310,7 +310,7 @@ def prefix_length_study(
         head_scores.append(torch.stack([cache[n][:, :, a2, a1 + 1].mean(0).cpu() for n in names[:n_layers]]))
         if sae is not None:
             x = site.flatten(cache[hook])[:, a2].to(sae.W_enc.device, sae.W_enc.dtype)
-            feat.append(sae.encode_dense(x)[:, ids.to(x.device)].float().mean(0).cpu())
+            feat.append(sae.encode(x)[:, ids.to(x.device)].float().mean(0).cpu())
     return PrefixStudy(lengths, torch.stack(head_scores), torch.stack(feat) if feat else None, ids)
 
 

@@ -215,8 +215,8 @@ def rdfa_upstream_features(
     cache = run_cache(model, tokens, [f"blocks.{L}.attn.hook_pattern", hook], stop_at_layer=L + 1)
     A = cache[f"blocks.{L}.attn.hook_pattern"][0, head, query_pos].to(u.device)  # [k]
     x = up.flatten(cache[hook])[0].to(upstream.W_enc.device, upstream.W_enc.dtype)  # [k, d_in]
-    acts = upstream.encode_dense(x).float()  # [k, d_sae_up]
-    err = (x - upstream.decode_dense(acts)).float()
+    acts = upstream.encode(x).float()  # [k, d_sae_up]
+    err = (x - upstream.decode(acts)).float()
     dirs = output_directions(model, upstream, up).to(u.device)  # [d_sae_up, d_model]
     read = einops.einsum(dirs, u, "j d_model, k d_model -> j k")
     contributions = acts.T.to(u.device) * read * A[None]

@@ -3,8 +3,8 @@
 Calls ``sae_lens_attn.training.trainer.SiteState(sae, OptimConfig(...)).step(SiteBatch(x, None), step)``, which is the
 per-site body of ``Trainer.fit``:
 
-* forward: ``SAE.forward`` -> ``SAE.encode`` (selection GEMM outside autograd, TopK, the k kept values
-  with a sparse CSR backward; ``kernels.selected_pre``) and ``SAE.decode`` (``embedding_bag``, CSR backward);
+* forward: ``TopKSAE.encode_sparse`` (selection GEMM outside autograd, TopK, the k kept values with a sparse
+  CSR backward; ``kernels.selected_pre``) and ``SAE.decode_sparse`` (``embedding_bag``, CSR backward);
 * loss: normalised MSE (FVU) plus ``auxk_alpha`` * AuxK over dead latents;
 * ``loss.backward()``, ``remove_parallel_decoder_grad``, Adam step (``LayoutAwareAdam``: torch's fused Adam),
   ``normalize_decoder``;

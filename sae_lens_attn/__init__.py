@@ -10,7 +10,7 @@ Ten lines from Python::
 __version__ = "0.1.0"
 
 from .models import DEFAULT_MODEL_DIR, SAMPLE_TEXT, load_model  # noqa: E402
-from .sae import SAE, EncodeOutput, SAEConfig  # noqa: E402
+from .sae import SAE, SAEConfig, SparseCode  # noqa: E402
 from .sites import Site, parse_sites  # noqa: E402
 
 
@@ -27,8 +27,8 @@ __all__ = [
     "DEFAULT_MODEL_DIR",
     "SAMPLE_TEXT",
     "SAE",
-    "EncodeOutput",
     "SAEConfig",
+    "SparseCode",
     "Site",
     "TrainConfig",
     "TrainResult",

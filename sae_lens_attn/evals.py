@@ -77,8 +77,8 @@ class _Recon:
         self.l0_sum = 0.0
 
     def add(self, sae: SAE, x: torch.Tensor) -> None:
-        code = sae.encode(x)
-        x_hat = sae.decode(code.values, code.indices)
+        code = sae.encode_sparse(x)
+        x_hat = sae.decode_sparse(code.values, code.indices)
         active = code.values > 0
         self.l0_sum += float(active.sum())
         self.counts.index_add_(0, code.indices[active].cpu(), torch.ones(int(active.sum()), dtype=torch.float64))
@@ -141,7 +141,7 @@ def _loss_metrics(model, sae: SAE, site: Site, rows: torch.Tensor, batch_rows: i
         keep = spec.tokens.keep(inp.tokens)
         logits = {"clean": model(inp.tokens, return_type="logits")}
         edits = {
-            "spliced": lambda flat: sae.reconstruct(flat),
+            "spliced": lambda flat: sae(flat),
             "zero": lambda flat: torch.zeros_like(flat),
             "mean": lambda flat: mean_act.to(flat.dtype).expand_as(flat),
         }

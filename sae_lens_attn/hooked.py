@@ -149,10 +149,10 @@ def _site_hook(a: Attached, use_error_term: bool, spec, current: dict):
         flat = site.flatten(tensor)
         x = h.hook_sae_input(flat.to(sae.W_enc.device, sae.W_enc.dtype))
         h.hook_sae_acts_pre(sae.encode_pre(x))
-        clean = sae.encode_dense(x)
+        clean = sae.encode(x)
         acts = h.hook_sae_acts_post(clean.clone())  # a hook may edit it in place; the error uses the clean one
-        recons = h.hook_sae_recons(sae.decode_dense(acts))
-        error = h.hook_sae_error(x - sae.decode_dense(clean))
+        recons = h.hook_sae_recons(sae.decode(acts))
+        error = h.hook_sae_error(x - sae.decode(clean))
         out = h.hook_sae_output(recons + error if use_error_term else recons).to(flat.dtype)
         toks = current.get("tokens")
         if toks is not None and toks.shape == flat.shape[:2]:

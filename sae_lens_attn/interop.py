@@ -1,21 +1,8 @@
-"""Interoperability: SAEs from SAELens (and the files it reads), exports SAELens and Neuronpedia read.
+"""Interoperability: exports SAELens and Neuronpedia read, and a check of SAELens' cfg.json conventions.
 
-Loading (:func:`load_sae`) accepts
-
-* our own SAEs (SAELens v6 layout, ``architecture: "topk"``, training rule in ``metadata.selection``);
-* SAELens v6 directories (``cfg.json`` + ``sae_weights.safetensors``) of architecture ``topk``,
-  ``standard`` (ReLU) or ``jumprelu``, including hook_z attention SAEs (``reshape_activations: "hook_z"``:
-  SAELens flattens ``[..., n_heads, d_head]`` head-major, exactly as :meth:`Site.flatten` does, so the
-  weights are used as they are);
-* SAELens configs from before v6 (``hook_point``, ``activation_fn_str``/``activation_fn_kwargs.k``,
-  boolean ``normalize_activations``), converted the way SAELens' ``handle_pre_6_0_config`` does;
-* the original files of Kissane et al.'s attention SAEs (``<name>.pt`` beside ``<name>_cfg.json`` with
-  ``act_size``/``dict_size``/``act_name``), the source of SAELens' ``gpt2-small-hook-z-kk`` release.
-
-TopK SAEs load as :class:`~sae_lens_attn.sae.SAE`; ReLU and JumpReLU SAEs as :class:`ReLUSAE`, a subclass
-with the same interface (``encode`` returns the active latents of each row, padded, so ``decode``,
-``encode_dense``, evals and analysis work unchanged). ``rescale_acts_by_decoder_norm`` and a non-trivial
-``scaling_factor`` are folded into the weights (the function computed is unchanged).
+Loading lives in :mod:`sae_lens_attn.saes` (``SAE.load``: every SAELens v6 architecture, older SAELens
+configs and Kissane et al.'s files); :func:`load_sae` here is the same function, kept for old callers, and
+``ReLUSAE`` an alias of :class:`~sae_lens_attn.saes.StandardSAE` (JumpReLU and BatchTopK SAEs subclass it).
 
 Exporting (:func:`export_saelens`) writes the v6 layout with ``metadata.sae_lens_version`` set, without
 which SAELens treats a config as pre-v6 and drops the metadata (hook name, model name, ...).
@@ -32,111 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
 
-from . import __version__
-from .sae import (
-    CFG_FILENAME,
-    SAE,
-    SPARSITY_FILENAME,
-    WEIGHTS_FILENAME,
-    EncodeOutput,
-    SAEConfig,
-    SAEFileError,
-    read_cfg_json,
-    version_tuple,  # noqa: F401  (re-exported)
+from .sae import SAE, StandardSAE
+from .saes.config import SAELENS_FORMAT_VERSION, version_tuple  # noqa: F401  (re-exported)
+from .saes.files import (  # noqa: F401  (re-exported)
+    SAELENS_ARCH_FIELDS,
+    SAELENS_BASE_FIELDS,
+    SAELENS_NORMALIZE,
+    check_version,
 )
+from .saes.loading import load_sae, normalise_saelens_cfg  # noqa: F401  (re-exported)
 from .sites import Site
 
-#: The SAELens file-format version our exports claim (the v6 layout). SAELens reads a config without
-#: ``sae_lens_version`` >= 6 through its pre-6 converter, which keeps only pre-6 top-level metadata keys.
-SAELENS_FORMAT_VERSION = "6.0.0"
-
-#: SAELens v6 ``SAEConfig`` fields (sae_lens/saes/sae.py), plus each architecture's own.
-SAELENS_BASE_FIELDS = (
-    "architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
-    "reshape_activations", "metadata",
-)
-SAELENS_ARCH_FIELDS = {
-    "standard": (),
-    "topk": ("k", "rescale_acts_by_decoder_norm"),
-    "jumprelu": (),
-}
-SAELENS_NORMALIZE = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm",
-                     "covariance_whitening")
-#: Metadata keys SAELens' pre-6 converter lifts from the top level (its LLM_METADATA_KEYS).
-_PRE6_METADATA_KEYS = (
-    "model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs",
-    "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path",
-    "sae_lens_version", "sae_lens_training_version", "hook_layer",
-)
-
-
-# --------------------------------------------------------------------------------------------- versions
-
-
-def check_version(path: str | os.PathLike, cfg: Mapping[str, Any] | None = None) -> None:
-    """Refuse an SAE written by a newer sae_lens_attn (``metadata.sae_lens_attn_version`` > ours).
-
-    ``path``: the SAE directory (or its cfg.json). The error names the file and both versions.
-    """
-    path = Path(path)
-    f = path if path.suffix == ".json" else path / CFG_FILENAME
-    d = dict(cfg) if cfg is not None else read_cfg_json(f)
-    meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
-    theirs = meta.get("sae_lens_attn_version", d.get("sae_lens_attn_version"))
-    if theirs is None:
-        return
-    if version_tuple(str(theirs)) > version_tuple(__version__):
-        raise SAEFileError(
-            f"{f}: written by sae_lens_attn {theirs}, newer than this sae_lens_attn {__version__}; its format "
-            "may have changed, so it is not read. Upgrade sae_lens_attn (pip install -U sae-lens-attn)"
-        )
+#: Deprecated alias: the ReLU SAE class (JumpReLUSAE and BatchTopKSAE are subclasses of it).
+ReLUSAE = StandardSAE
 
 
 # --------------------------------------------------------------------------------- SAELens cfg handling
-
-
-def normalise_saelens_cfg(d: Mapping[str, Any], source: str = CFG_FILENAME) -> dict[str, Any]:
-    """A SAELens (or sae_lens_attn) cfg.json in its v6 shape: pre-6 keys renamed, metadata collected,
-    TopK given as ``architecture: "topk"`` with ``k``. Raises :class:`SAEFileError` naming ``source``."""
-    d = dict(d)
-    if d.get("metadata") is not None and not isinstance(d.get("metadata"), dict):
-        raise SAEFileError(f"{source}: metadata must be a JSON object, got {d['metadata']!r}")
-    meta = dict(d.get("metadata") or {})
-    version = d.get("sae_lens_version") or meta.get("sae_lens_version")
-    pre6 = "metadata" not in d and (version is None or version_tuple(str(version)) < (6,))
-    if pre6:  # SAELens' handle_pre_6_0_config
-        renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
-                   "hook_point_layer": "hook_layer", "activation_fn_str": "activation_fn"}
-        d = {renames.get(k, k): v for k, v in d.items()}
-        d.setdefault("architecture", "standard")
-        fn_k = (d.get("activation_fn_kwargs") or {}).get("k")
-        if d.get("activation_fn") == "topk" and fn_k is not None:
-            d["architecture"], d["k"] = "topk", fn_k
-        d.setdefault("reshape_activations", "hook_z" if "hook_z" in str(d.get("hook_name", "")) else "none")
-        for key in _PRE6_METADATA_KEYS:
-            if key in d and key not in meta:
-                meta[key] = d[key]
-    norm = d.get("normalize_activations", "none")
-    if isinstance(norm, bool):
-        norm = "expected_average_only_in" if norm else "none"
-    d["normalize_activations"] = "none" if norm is None else norm
-    missing = [k for k in ("d_in", "d_sae") if k not in d]
-    if missing:
-        raise SAEFileError(f"{source}: missing field(s) {missing}")
-    arch = d.get("architecture")
-    if not isinstance(arch, str) or arch not in SAELENS_ARCH_FIELDS:
-        raise SAEFileError(
-            f"{source}: architecture {arch!r} is not supported (supported: {sorted(SAELENS_ARCH_FIELDS)})"
-        )
-    if arch == "topk" and "k" not in d:
-        raise SAEFileError(f"{source}: a topk SAE needs the field 'k'")
-    for key in ("d_in", "d_sae") + (("k",) if arch == "topk" else ()):
-        if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] <= 0:
-            raise SAEFileError(f"{source}: {key} must be a positive integer, got {d[key]!r}")
-    d["metadata"] = meta
-    return d
 
 
 def saelens_cfg_problems(d: Mapping[str, Any]) -> list[str]:
@@ -187,182 +86,13 @@ def saelens_cfg_problems(d: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-# ----------------------------------------------------------------------------------------- ReLU SAEs
-
-
-class ReLUSAE(SAE):
-    """A ReLU ("standard") or JumpReLU SAE from SAELens, with the interface of :class:`SAE`.
-
-    ``acts = ReLU(pre) * (pre > threshold)`` with ``threshold = 0`` for a standard SAE (SAELens'
-    ``StandardSAE`` / ``JumpReLUSAE``). ``cfg.k`` is ``d_sae`` (any number of latents may fire);
-    :meth:`encode` returns each row's active latents, padded with zero values to the batch's largest count.
-    """
-
-    def __init__(self, cfg: SAEConfig, architecture: str = "standard"):
-        super().__init__(cfg, init=False)
-        self.architecture = architecture
-        self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=getattr(torch, cfg.dtype), device=cfg.device))
-
-    def encode(self, x: Float[torch.Tensor, "batch d_in"], grad: torch.Tensor | None = None) -> EncodeOutput:
-        pre = self.encode_pre(x)
-        acts = pre.relu() * (pre > self.threshold).to(pre.dtype)
-        width = max(1, int((acts > 0).sum(-1).max())) if acts.numel() else 1
-        values, indices = acts.topk(min(width, self.cfg.d_sae), dim=-1, sorted=False)
-        return EncodeOutput(values, indices, pre, self.architecture)
-
-    def encode_dense(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
-        pre = self.encode_pre(x)
-        return pre.relu() * (pre > self.threshold).to(pre.dtype)
-
-    def save(self, path: str | os.PathLike, log_sparsity: torch.Tensor | None = None) -> Path:
-        """Write SAELens' v6 layout with this SAE's own architecture (``standard`` or ``jumprelu``)."""
-        from safetensors.torch import save_file
-
-        from .files import atomic_write
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters()}
-        if self.architecture == "jumprelu":
-            tensors["threshold"] = self.threshold.detach().contiguous().cpu()
-        atomic_write(path / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
-        if log_sparsity is not None:
-            sp = {"sparsity": log_sparsity.detach().float().contiguous().cpu()}
-            atomic_write(path / SPARSITY_FILENAME, lambda tmp: save_file(sp, tmp))
-        d = saelens_export_dict(self)
-        atomic_write(path / CFG_FILENAME, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=2)))
-        return path
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-
-def _read_tensors(f: Path) -> dict[str, torch.Tensor]:
-    if not f.exists():
-        raise SAEFileError(f"{f} is missing")
-    try:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(f))
-        obj = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors / zipfile / pickle errors for damaged files
-        raise SAEFileError(f"{f}: unreadable weights file ({type(err).__name__}: {err}); it is truncated or "
-                           "corrupted") from err
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise SAEFileError(f"{f}: expected a dict of tensors, got {type(obj).__name__}")
-    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _kissane_cfg(pt: Path) -> dict[str, Any]:
-    """Kissane et al.'s ``<name>_cfg.json`` as a SAELens v6 config (as SAELens' connor_rob_hook_z loader)."""
-    f = pt.with_name(pt.name[: -len(".pt")] + "_cfg.json")
-    old = read_cfg_json(f)
-    missing = [k for k in ("act_size", "dict_size", "act_name") if k not in old]
-    if missing:
-        raise SAEFileError(f"{f}: missing field(s) {missing} of a Kissane et al. attention-SAE config")
-    hook = str(old["act_name"])
-    return {
-        "architecture": "standard", "d_in": int(old["act_size"]), "d_sae": int(old["dict_size"]),
-        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "reshape_activations": "hook_z" if hook.endswith("hook_z") else "none",
-        "metadata": {"model_name": old.get("model_name", "gpt2-small"), "hook_name": hook,
-                     "hook_layer": old.get("layer"), "hook_head_index": None, "prepend_bos": True,
-                     "context_size": old.get("seq_len", 128), "sae_lens_version": SAELENS_FORMAT_VERSION},
-    }
-
-
-def load_sae(path: str | os.PathLike, device: str | torch.device | None = None) -> SAE:
-    """Load an SAE written by sae_lens_attn or SAELens (any version), or a Kissane et al. ``.pt`` file.
-
-    Returns :class:`~sae_lens_attn.sae.SAE` (TopK) or :class:`ReLUSAE` (standard / JumpReLU). Every problem
-    raises :class:`SAEFileError` naming the file: missing or damaged files, unsupported fields, shapes
-    that disagree with cfg.json, non-finite weights, or a config from a newer sae_lens_attn.
-    """
-    path = Path(path)
-    if path.suffix == ".pt" and path.is_file():
-        raw, weights_file, source = _kissane_cfg(path), path, str(path.with_name(path.stem + "_cfg.json"))
-    else:
-        cfg_file = path / CFG_FILENAME
-        raw, source = read_cfg_json(cfg_file), str(cfg_file)
-        check_version(path, raw)
-        weights_file = path / WEIGHTS_FILENAME
-    d = normalise_saelens_cfg(raw, source)
-    arch = d["architecture"]
-    if d["normalize_activations"] not in ("none", "expected_average_only_in"):
-        # expected_average_only_in is folded into the weights by SAELens when it saves (its inference SAE
-        # applies nothing at run time), so such files read like "none"; the others transform at run time.
-        raise SAEFileError(
-            f"{source}: normalize_activations={d['normalize_activations']!r} is not supported (its run-time "
-            "normalisation is not part of this SAE); fold it into the weights first"
-        )
-    meta = dict(d["metadata"])
-    try:
-        cfg = SAEConfig.from_saelens_dict(
-            {**d, "architecture": "topk", "k": int(d.get("k", d["d_sae"])), "rescale_acts_by_decoder_norm": False,
-             "normalize_activations": "none", "metadata": meta},
-            source,
-        )
-    except SAEFileError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise SAEFileError(f"{source}: {err}") from err
-    if device is not None:
-        cfg.device = str(device)
-    tensors = _read_tensors(weights_file)
-    sae: SAE = SAE(cfg, init=False) if arch == "topk" else ReLUSAE(cfg, arch)
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,),
-                "b_dec": (cfg.d_in,)}
-    if arch == "jumprelu":
-        if "log_threshold" in tensors and "threshold" not in tensors:  # older SAELens JumpReLU files
-            tensors["threshold"] = tensors.pop("log_threshold").exp()
-        expected["threshold"] = (cfg.d_sae,)
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise SAEFileError(f"{weights_file}: tensor {name!r} is missing (has {sorted(tensors)})")
-        if tuple(tensors[name].shape) != shape:
-            raise SAEFileError(
-                f"{weights_file}: {name} has shape {tuple(tensors[name].shape)} but {Path(source).name} "
-                f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}"
-            )
-        if not torch.isfinite(tensors[name]).all():
-            raise SAEFileError(f"{weights_file}: {name} holds NaN/inf values; the file is corrupted")
-    W_enc, W_dec = tensors["W_enc"].double(), tensors["W_dec"].double()
-    b_enc = tensors["b_enc"].double()
-    scale = tensors.get("scaling_factor", tensors.get("finetuning_scaling_factor"))
-    if scale is not None and not torch.allclose(scale.double(), torch.ones_like(scale.double())):
-        W_dec = W_dec * scale.double()[:, None]  # SAELens (pre-6) decoded acts * scaling_factor
-    if arch == "topk" and d.get("rescale_acts_by_decoder_norm"):
-        # SAELens: pre *= ||W_dec_i|| before TopK, acts /= ||W_dec_i|| before decoding. Folding the norms
-        # into W_enc/b_enc and out of W_dec computes the same function with unit decoder rows.
-        norms = W_dec.norm(dim=1)
-        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc)
-        sae.W_dec.copy_(W_dec)
-        sae.b_enc.copy_(b_enc)
-        sae.b_dec.copy_(tensors["b_dec"])
-        if isinstance(sae, ReLUSAE) and "threshold" in expected:
-            sae.threshold.copy_(tensors["threshold"])
-    return sae
-
-
 # ------------------------------------------------------------------------------------------ exporting
 
 
 def saelens_export_dict(sae: SAE) -> dict[str, Any]:
-    """cfg.json for SAELens v6: our fields, ``metadata.sae_lens_version`` set, architecture kept."""
-    d = sae.cfg.to_saelens_dict()
-    d["metadata"] = {**d.get("metadata", {}), "sae_lens_version": SAELENS_FORMAT_VERSION}
-    if isinstance(sae, ReLUSAE):
-        d["architecture"] = sae.architecture
-        d.pop("k", None)
-        d.pop("rescale_acts_by_decoder_norm", None)
-        for key in ("selection", "gsae_beta"):
-            d["metadata"].pop(key, None)
-    return d
+    """cfg.json for SAELens v6 (what ``sae.save`` writes): our fields, ``metadata.sae_lens_version`` set, the
+    architecture under SAELens' name."""
+    return sae.cfg.to_saelens_dict()
 
 
 def export_saelens(sae: SAE, path: str | os.PathLike, log_sparsity: torch.Tensor | None = None) -> Path:
@@ -374,13 +104,7 @@ def export_saelens(sae: SAE, path: str | os.PathLike, log_sparsity: torch.Tensor
     problems = saelens_cfg_problems(saelens_export_dict(sae))
     if problems:
         raise ValueError(f"cannot export to SAELens: {'; '.join(problems)}")
-    path = sae.save(path, log_sparsity)
-    if not isinstance(sae, ReLUSAE):  # SAE.save writes its own cfg.json; add what SAELens needs
-        from .files import atomic_write
-
-        text = json.dumps(saelens_export_dict(sae), indent=2)
-        atomic_write(path / CFG_FILENAME, lambda tmp: Path(tmp).write_text(text))
-    return path
+    return sae.save(path, log_sparsity)
 
 
 # ---------------------------------------------------------------------------------------- Neuronpedia

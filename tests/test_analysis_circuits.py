@@ -109,7 +109,7 @@ def test_spliced_sae_with_error_term_leaves_the_output_unchanged(fixture, reques
     torch.testing.assert_close(out.logits, clean, atol=1e-5, rtol=1e-5)
     # and the error term is real: the reconstruction alone changes the output
     assert out.error.abs().max() > 1e-3
-    with splice(model, Site(1), lambda flat: sae.reconstruct(flat)):
+    with splice(model, Site(1), lambda flat: sae(flat)):
         assert (model(toks) - clean).abs().max() > 1e-4
 
 
@@ -119,7 +119,7 @@ def test_zero_ablating_every_feature_leaves_b_dec_plus_error(fixture, request):
     sae = _sae(Site(1), model.cfg)
     toks = _tokens(model)
     got = ablate_features(model, sae, toks, list(range(64)))
-    with splice(model, Site(1), lambda x: x - sae.decode_dense(sae.encode_dense(x)) + sae.b_dec):
+    with splice(model, Site(1), lambda x: x - sae.decode(sae.encode(x)) + sae.b_dec):
         want = model(toks)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     unchanged = ablate_features(model, sae, toks, [])
@@ -153,12 +153,12 @@ def test_mean_ablation(tiny_neox):
     want_x = []
 
     def fn(x):
-        f = sae.encode_dense(x)
-        err = x - sae.decode_dense(f)
+        f = sae.encode(x)
+        err = x - sae.decode(f)
         f2 = f.clone()
         f2[:, 4] = means
         want_x.append(True)
-        return sae.decode_dense(f2) + err
+        return sae.decode(f2) + err
 
     with splice(tiny_neox, Site(1), fn):
         want = tiny_neox(two)
@@ -179,11 +179,11 @@ def test_noising_from_a_corrupted_prompt(fixture, request):
     f_corr = run_spliced(model, sae, corr).features
 
     def fn(x):
-        f = sae.encode_dense(x)
-        err = x - sae.decode_dense(f)
+        f = sae.encode(x)
+        err = x - sae.decode(f)
         f2 = f.clone()
         f2[:, 7] = f_corr[:, 7]
-        return sae.decode_dense(f2) + err
+        return sae.decode(f2) + err
 
     with splice(model, Site(1), fn):
         want = model(clean)

@@ -64,7 +64,7 @@ def test_dfa_by_head_sums_to_pre_minus_bias(fixture, site, request):
     assert scale > 1.0
     _close(res.pre, pre, scale)
     _close(res.by_head.sum(2) + res.bias, pre, scale)
-    torch.testing.assert_close(res.acts, sae.encode_dense(x))
+    torch.testing.assert_close(res.acts, sae.encode(x))
     if site.head is not None:  # a one-head SAE reads nothing from the other heads
         others = [h for h in range(model.cfg.n_heads) if h != site.head]
         assert res.by_head[:, :, others].abs().max() == 0

@@ -38,7 +38,7 @@ def setup(tiny_neox):
     sae = _sae(Site(1), model.cfg)
     rows = _rows(model)
     x = harvest(model, rows, [Site(1)], drop_bos=False).acts[Site(1)]
-    acts = sae.encode_dense(x)  # [rows, pos, d_sae]
+    acts = sae.encode(x)  # [rows, pos, d_sae]
     acts[:, 0] = 0  # BOS positions are not counted
     cfg = StatsConfig(n_top=5, n_samples=6, ctx_left=3, ctx_right=2, batch_rows=3)
     stats = feature_stats(model, sae, rows, cfg=cfg)

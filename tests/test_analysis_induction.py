@@ -58,7 +58,7 @@ def test_feature_scores_by_hand(tiny_neox):
     toks = repeated_tokens(tiny_neox, n_seq=4, length=10)
     scores = feature_induction_scores(tiny_neox, sae, tokens=toks)
     _, cache = tiny_neox.run_with_cache(toks)
-    acts = sae.encode_dense(site.flatten(cache[site.hook_name]))
+    acts = sae.encode(site.flatten(cache[site.hook_name]))
     first, second = acts[:, 1:11], acts[:, 11:21]
     m1, m2 = first.sum((0, 1)), second.sum((0, 1))
     fired = (m1 + m2) > 0
@@ -132,7 +132,7 @@ def test_prefix_study_reads_attention_from_A_to_B(tiny_neox):
     toks, a1, a2 = prefix_tokens(tiny_neox, 4, 3, max_prefix=4, gap=8, seed=0)
     _, cache = tiny_neox.run_with_cache(toks)
     torch.testing.assert_close(study.head_scores[2, 1], cache["blocks.1.attn.hook_pattern"][:, :, a2, a1 + 1].mean(0))
-    acts = sae.encode_dense(Site(1).flatten(cache["blocks.1.attn.hook_z"])[:, a2])
+    acts = sae.encode(Site(1).flatten(cache["blocks.1.attn.hook_z"])[:, a2])
     torch.testing.assert_close(study.feature_acts[2], acts[:, [0, 5]].mean(0))
 
 

@@ -1,14 +1,14 @@
 import torch
 
 from sae_lens_attn.evals import evaluate_sae, fvu
-from sae_lens_attn.sae import SAE, SAEConfig
+from sae_lens_attn.sae import SAE, SAEConfig, TopKSAE
 from sae_lens_attn.sites import Site
 
 
-class Identity(SAE):
-    """Reconstructs perfectly: an upper bound every metric must recognise."""
+class Identity(TopKSAE):
+    """Reconstructs perfectly when spliced in (``sae(x)``): an upper bound every metric must recognise."""
 
-    def reconstruct(self, x):
+    def forward(self, x):
         return x
 
 

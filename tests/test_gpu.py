@@ -53,6 +53,6 @@ def test_bf16_selection_on_cuda_keeps_exact_fp32_values():
     _, gpu = _pair()
     gpu.bf16_select = True
     x = torch.randn(128, 64, device="cuda")
-    code = gpu.encode(x)
+    code = gpu.encode_sparse(x)
     exact = ((x - gpu.b_dec) @ gpu.W_enc + gpu.b_enc).gather(1, code.indices).relu()
     torch.testing.assert_close(code.values, exact, rtol=1e-5, atol=1e-6)

@@ -48,17 +48,17 @@ def test_beta_zero_is_exactly_topk():
     x = torch.randn(64, 32)
     g = torch.randn(64, 32) * 10
     a, b = _sae("topk"), _sae("gsae", beta=0.0)
-    ca, cb = a.encode(x), b.encode(x, g)
+    ca, cb = a.encode_sparse(x), b.encode_sparse(x, g)
     assert cb.selection == "gsae"
     assert torch.equal(ca.indices.sort(-1).values, cb.indices.sort(-1).values)
-    assert torch.equal(a(x).x_hat, b(x, g).x_hat)
+    assert torch.equal(a.decode_sparse(ca.values, ca.indices), b.decode_sparse(cb.values, cb.indices))
 
 
 def test_gsae_selection_rule_and_fallback():
     sae = _sae("gsae", beta=5.0)
     x = torch.randn(16, 32)
     g = torch.randn(16, 32)
-    code = sae.encode(x, g)
+    code = sae.encode_sparse(x, g)
     pre = code.pre
     effect = (g @ sae.W_dec.T).abs()
     score = torch.where(pre > 0, pre * (1 + 5.0 * effect), pre)
@@ -66,7 +66,7 @@ def test_gsae_selection_rule_and_fallback():
     # kept values are the plain activations, not the scores
     assert torch.equal(code.values, pre.gather(-1, code.indices).relu())
     assert not torch.equal(code.indices.sort(-1).values, pre.topk(8, -1).indices.sort(-1).values)
-    fallback = sae.encode(x)
+    fallback = sae.encode_sparse(x)
     assert fallback.selection == "topk (gsae without gradient)"
     assert torch.equal(fallback.indices.sort(-1).values, pre.topk(8, -1).indices.sort(-1).values)
 
@@ -108,7 +108,7 @@ def test_gsae_rule_at_width_with_reused_buffers():
     gen = torch.Generator().manual_seed(2)
     for _ in range(2):  # the second call overwrites the first call's buffers
         x, g = torch.randn(300, 32, generator=gen), torch.randn(300, 32, generator=gen)
-        code = sae.encode(x, g)
+        code = sae.encode_sparse(x, g)
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
         score = torch.where(pre > 0, pre * (1 + 2.0 * (g @ sae.W_dec.T).abs()), pre)
         assert torch.equal(code.indices.sort(-1).values, score.topk(8, -1).indices.sort(-1).values)

@@ -46,7 +46,7 @@ def test_error_term_keeps_the_output_and_features_come_from_one_pass(setup):
     assert names == ["blocks.0.attn.hook_z.hook_sae_acts_post", "blocks.1.attn.hook_z.hook_sae_acts_post"]
     h = harvest(model, toks, [Site(0), Site(1)], drop_bos=False)
     for site in (Site(0), Site(1)):
-        want = saes[site].encode_dense(h.acts[site])
+        want = saes[site].encode(h.acts[site])
         assert _close(feats[site], want) and _close(cache[f"{site.hook_name}.hook_sae_acts_post"], want)
     assert not [n for n in model.hook_dict if "hook_sae" in n], "hook points removed on exit"
     assert _close(model(toks), clean)
@@ -56,7 +56,7 @@ def test_without_error_term_the_site_is_the_reconstruction(setup):
     model, toks, saes = setup
     sae = saes[Site(1, "attn_out")]
     keep = toks != model.tokenizer.bos_token_id
-    with splice(model, Site(1, "attn_out"), lambda x: sae.decode_dense(sae.encode_dense(x)), keep):
+    with splice(model, Site(1, "attn_out"), lambda x: sae.decode(sae.encode(x)), keep):
         want = model(toks)
     with attach_saes(model, sae):
         got = model(toks)
@@ -67,7 +67,7 @@ def test_editing_features_through_run_with_hooks(setup):
     model, toks, saes = setup
     site, sae = Site(1), saes[Site(1)]
     x = harvest(model, toks, [site], drop_bos=False).acts[site]
-    acts = sae.encode_dense(x)
+    acts = sae.encode(x)
     f = int(acts[:, 1:].gt(0).sum((0, 1)).argmax())  # a feature that fires
     keep = (toks != model.tokenizer.bos_token_id)[..., None]
     removed = acts[..., f : f + 1] * sae.W_dec.detach()[f]  # its contribution to the reconstruction

@@ -4,7 +4,8 @@ feature data exports in Neuronpedia's layout; optional Weights & Biases logging 
 SAELens itself is not importable here (it pins transformer-lens < 4), so the SAELens side is written out:
 ``SAELENS_CFGS`` are cfg.json files exactly as ``sae_lens`` 6.54.12 ``save_model`` wrote them, and
 ``saelens_reference`` is its encode/decode (StandardSAE, TopKSAE with and without
-rescale_acts_by_decoder_norm, JumpReLUSAE). Where ``sae_lens`` is importable, it is used directly.
+rescale_acts_by_decoder_norm, JumpReLUSAE). Files and outputs written by SAELens itself, for every
+architecture, are checked in test_saes_saelens.py.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from safetensors.torch import save_file
 from sae_lens_attn.interop import (
     SAELENS_ARCH_FIELDS,
     SAELENS_BASE_FIELDS,
-    ReLUSAE,
     export_neuronpedia,
     export_saelens,
     load_sae,
     saelens_cfg_problems,
 )
-from sae_lens_attn.sae import SAE, SAEConfig, SAEFileError
+from sae_lens_attn.sae import SAE, JumpReLUSAE, SAEConfig, SAEFileError, StandardSAE, TopKSAE
 from sae_lens_attn.sites import Site
 
 N_HEADS, D_HEAD, D_SAE = 4, 8, 64
@@ -83,15 +83,15 @@ def saelens_reference(cfg: dict, t: dict[str, torch.Tensor], z: torch.Tensor):
 def test_saelens_v6_attention_saes_compute_what_saelens_computes(tmp_path, name):
     cfg, t = SAELENS_CFGS[name], _tensors(SAELENS_CFGS[name]["architecture"])
     sae = load_sae(write_saelens(tmp_path / name, cfg, t))
-    assert isinstance(sae, ReLUSAE) == (cfg["architecture"] != "topk")
+    assert type(sae) is {"topk": TopKSAE, "standard": StandardSAE, "jumprelu": JumpReLUSAE}[cfg["architecture"]]
     assert sae.cfg.reshape_activations == "hook_z" and sae.cfg.metadata["hook_name"] == "blocks.1.attn.hook_z"
     z = torch.randn(6, 5, N_HEADS, D_HEAD, generator=torch.Generator().manual_seed(1))
     acts, recon = saelens_reference(cfg, t, z)
     flat = Site(1).flatten(z)  # our head flattening is SAELens' hook_z reshape
-    torch.testing.assert_close(sae.encode_dense(flat), acts, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(sae.reconstruct(flat), recon, atol=2e-5, rtol=1e-5)
-    code = sae.encode(flat.reshape(-1, D_IN))  # the sparse interface: decode(encode(x)) is the reconstruction
-    torch.testing.assert_close(sae.decode(code.values, code.indices), recon.reshape(-1, D_IN), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.encode(flat), acts, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sae(flat), recon, atol=2e-5, rtol=1e-5)
+    code = sae.encode_sparse(flat.reshape(-1, D_IN))  # the sparse interface: decode of the code is the reconstruction
+    torch.testing.assert_close(sae.decode_sparse(code.values, code.indices), recon.reshape(-1, D_IN), atol=2e-5, rtol=1e-5)
     if cfg["architecture"] == "topk":
         assert (code.values > 0).sum(-1).max() <= 5
 
@@ -110,7 +110,7 @@ def test_pre_v6_saelens_configs_load(tmp_path):
                  "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 7}, "normalize_activations": False,
                  "context_size": 128, "sae_lens_training_version": "3.13.0"}
     sae = load_sae(write_saelens(tmp_path / "topk", pre6_topk, t))
-    assert type(sae) is SAE and sae.cfg.k == 7 and sae.cfg.reshape_activations == "hook_z"
+    assert type(sae) is TopKSAE and sae.cfg.k == 7 and sae.cfg.reshape_activations == "hook_z"
     assert sae.cfg.metadata["hook_name"] == "blocks.3.attn.hook_z" and sae.cfg.metadata["hook_layer"] == 3
     # a pre-6 ReLU SAE with a finetuning scaling factor: SAELens decoded (acts * scaling_factor) @ W_dec
     scale = torch.rand(D_SAE, generator=torch.Generator().manual_seed(4)) + 0.5
@@ -119,7 +119,7 @@ def test_pre_v6_saelens_configs_load(tmp_path):
                                  {**t, "scaling_factor": scale}))
     x = torch.randn(9, D_IN, generator=torch.Generator().manual_seed(2))
     acts = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).relu()
-    torch.testing.assert_close(sae.reconstruct(x), (acts * scale) @ t["W_dec"] + t["b_dec"], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sae(x), (acts * scale) @ t["W_dec"] + t["b_dec"], atol=2e-5, rtol=1e-5)
 
 
 def test_kissane_attention_sae_files_load(tmp_path):
@@ -131,15 +131,15 @@ def test_kissane_attention_sae_files_load(tmp_path):
         {"act_size": D_IN, "dict_size": D_SAE, "act_name": "blocks.5.attn.hook_z", "layer": 5, "seq_len": 128,
          "l1_coeff": 1.8, "lr": 1.2e-3}))
     sae = load_sae(tmp_path / f"{name}.pt")
-    assert isinstance(sae, ReLUSAE) and sae.cfg.metadata["hook_name"] == "blocks.5.attn.hook_z"
+    assert type(sae) is StandardSAE and sae.cfg.metadata["hook_name"] == "blocks.5.attn.hook_z"
     x = torch.randn(9, D_IN, generator=torch.Generator().manual_seed(3))
     _, recon = saelens_reference(SAELENS_CFGS["standard"], t, x.reshape(9, N_HEADS, D_HEAD))
-    torch.testing.assert_close(sae.reconstruct(x), recon, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sae(x), recon, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("normalize_activations", "layer_norm", "normalize_activations='layer_norm' is not supported"),
-    ("architecture", "gated", "architecture 'gated' is not supported"),
+    ("architecture", "crosscoder", "architecture 'crosscoder' is not supported"),
     ("d_sae", 63, r"W_enc has shape \(32, 64\) but cfg.json \(d_in=32, d_sae=63\)"),
 ])
 def test_unsupported_or_inconsistent_files_are_named(tmp_path, field, value, match):
@@ -185,7 +185,8 @@ def test_export_follows_saelens_v6_conventions(tmp_path):
     z = torch.randn(4, 3, N_HEADS, D_HEAD, generator=torch.Generator().manual_seed(2))
     t = {n: p.detach() for n, p in sae.named_parameters()}
     _, recon = saelens_reference(cfg, t, z)
-    torch.testing.assert_close(sae.reconstruct(Site(1).flatten(z)), recon, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sae(Site(1).flatten(z)), recon, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sae(z), recon.reshape(z.shape), atol=2e-5, rtol=1e-5)  # hook_z input, hook_z shape out
     bad = _ours()
     bad.cfg.metadata.pop("hook_name")
     with pytest.raises(ValueError, match="metadata.hook_name is missing"):
@@ -200,7 +201,7 @@ def test_saelens_loads_the_export(tmp_path):  # pragma: no cover - runs only whe
     sae = _ours()
     lens = LensSAE.load_from_disk(export_saelens(sae, tmp_path / "e"))
     z = torch.randn(4, 3, N_HEADS, D_HEAD)
-    torch.testing.assert_close(lens(z).reshape(-1, D_IN), sae.reconstruct(Site(1).flatten(z)).reshape(-1, D_IN),
+    torch.testing.assert_close(lens(z).reshape(-1, D_IN), sae(Site(1).flatten(z)).reshape(-1, D_IN),
                                atol=2e-5, rtol=1e-5)
     assert lens.cfg.metadata.hook_name == "blocks.1.attn.hook_z"
 
@@ -248,7 +249,7 @@ def test_neuronpedia_export_layout_and_values(default_model, sample_rows, tmp_pa
     h = harvest(default_model, sample_rows, [Site(1)], drop_bos=False)
     keep = sample_rows != bos_token_id(default_model)
     with torch.no_grad():
-        acts = sae.encode_dense(h.acts[Site(1)])[keep]  # [tokens, d_sae]
+        acts = sae.encode(h.acts[Site(1)])[keep]  # [tokens, d_sae]
     density = (acts > 0).float().mean(0)
     assert set(skipped["skipped_indexes"]) == set((density == 0).nonzero().flatten().tolist())
     for i, f in feats.items():

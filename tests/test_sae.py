@@ -26,7 +26,7 @@ def test_init_unit_decoder_and_tied_encoder():
 def test_topk_invariants():
     sae = make_sae()
     x = torch.randn(32, 16)
-    code = sae.encode(x)
+    code = sae.encode_sparse(x)
     assert code.values.shape == code.indices.shape == (32, 4)
     assert (code.values >= 0).all()
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
@@ -35,9 +35,11 @@ def test_topk_invariants():
     top = pre.topk(4, dim=-1).values
     torch.testing.assert_close(code.pre.gather(-1, code.indices).sort(-1).values, top.sort(-1).values)
     assert torch.equal(code.values, code.pre.gather(-1, code.indices).relu())
-    dense = sae.encode_dense(x)
+    dense = sae.encode(x)
     assert ((dense != 0).sum(-1) <= 4).all()
-    torch.testing.assert_close(sae.decode_dense(dense), sae(x).x_hat, atol=1e-5, rtol=1e-5)
+    assert torch.equal(dense, torch.zeros(32, 64).scatter(-1, code.indices, code.values))
+    torch.testing.assert_close(sae.decode(dense), dense @ sae.W_dec + sae.b_dec)
+    torch.testing.assert_close(sae.decode(dense), sae(x), atol=1e-5, rtol=1e-5)
     assert code.selection == "topk"
 
 
@@ -60,7 +62,7 @@ def test_sparse_decode_matches_reference(monkeypatch):
 def test_parallel_gradient_removed_and_rows_renormalised():
     sae = make_sae()
     x = torch.randn(32, 16)
-    sae(x).x_hat.pow(2).sum().backward()
+    sae(x).pow(2).sum().backward()
     sae.remove_parallel_decoder_grad()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
     assert (parallel.abs() <= 1e-5 * sae.W_dec.grad.norm(dim=1) + 1e-7).all()
@@ -81,7 +83,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert loaded.cfg == sae.cfg
     assert torch.equal(SAE.load_sparsity(tmp_path / "sae"), sparsity)
     x = torch.randn(8, 16)
-    assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
+    assert torch.equal(loaded(x), sae(x))
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     # SAELens v6 TopK fields
     assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["reshape_activations"] == "hook_z"
@@ -113,9 +115,14 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(SAEFileError, match=r"W_enc has shape \(16, 64\) but cfg.json \(d_in=17"):
         SAE.load(tmp_path / "s")
-    cfg["architecture"] = "jumprelu"
+    cfg["d_in"] = 16
+    cfg["architecture"] = "jumprelu"  # a TopK file relabelled: it lacks the threshold
     (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(SAEFileError, match="architecture 'jumprelu' is not supported"):
+    with pytest.raises(SAEFileError, match="sae_weights.safetensors: tensor 'threshold' is missing"):
+        SAE.load(tmp_path / "s")
+    cfg["architecture"] = "crosscoder"
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEFileError, match="architecture 'crosscoder' is not supported"):
         SAE.load(tmp_path / "s")
     (tmp_path / "s" / "cfg.json").write_text("{not json")
     with pytest.raises(SAEFileError, match="not valid JSON"):
@@ -142,9 +149,10 @@ def test_config_validation(kw, msg):
 
 def _step_grads(sae, x):
     sae.zero_grad()
-    out = sae(x)
-    ((x - out.x_hat).pow(2).sum() + out.code.values.sum()).backward()
-    return out.x_hat.detach().float(), {n: p.grad.detach().float().clone() for n, p in sae.named_parameters()}
+    code = sae.encode_sparse(x)
+    x_hat = sae.decode_sparse(code.values, code.indices)
+    ((x - x_hat).pow(2).sum() + code.values.sum()).backward()
+    return x_hat.detach().float(), {n: p.grad.detach().float().clone() for n, p in sae.named_parameters()}
 
 
 def test_sparse_step_matches_dense_reference_fp32(monkeypatch):
@@ -167,10 +175,10 @@ def test_sparse_step_matches_dense_reference_bf16(monkeypatch):
     sae = make_sae(d_sae=128, k=8).to(torch.bfloat16)
     sae.cfg.dtype = "bfloat16"
     monkeypatch.setenv("SAE_LENS_ATTN_KERNELS", "reference")
-    ref_idx = sae.encode(x).indices.sort(-1).values
+    ref_idx = sae.encode_sparse(x).indices.sort(-1).values
     ref_x, ref_g = _step_grads(sae, x)
     monkeypatch.setenv("SAE_LENS_ATTN_KERNELS", "auto")
-    same = (sae.encode(x).indices.sort(-1).values == ref_idx).all(-1)
+    same = (sae.encode_sparse(x).indices.sort(-1).values == ref_idx).all(-1)
     fast_x, fast_g = _step_grads(sae, x)
     assert same.float().mean() >= 0.9
     assert (fast_x[same] - ref_x[same]).abs().max() <= 1e-2 * ref_x.abs().max()
@@ -182,7 +190,7 @@ def test_bf16_selection_keeps_exact_values():
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
     sae = make_sae(d_sae=128, k=8)
     sae.bf16_select = True
-    code = sae.encode(x)
+    code = sae.encode_sparse(x)
     exact = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).gather(-1, code.indices).relu()
     torch.testing.assert_close(code.values, exact, rtol=1e-5, atol=1e-6)  # fp32, whatever chose them
     assert code.pre.dtype == torch.bfloat16

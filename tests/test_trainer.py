@@ -140,7 +140,7 @@ def test_auxk_reconstruction_matches_masked_topk_definition(auxk_k, n_dead):
         out.pow(2).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}
 
-    pre = sae.encode(x).pre
+    pre = sae.encode_sparse(x).pre
     got = grads(lambda: state._auxk_reconstruction(x, pre, dead, n_dead))
 
     def reference():

@@ -142,7 +142,7 @@ class SiteState:
         self.sae = sae
         self.cfg = cfg
         self.dist = dist or Dist()
-        # step() reads EncodeOutput.pre only before the next encode, so the SAE may write it into one reused
+        # step() reads SparseCode.pre only before the next encode, so the SAE may write it into one reused
         # buffer (SAE.reuse_pre_buffer: no fresh [batch, d_sae] allocation per step).
         sae.reuse_pre_buffer = True
         keep_freed_host_memory()  # no fresh pages for the step's large blocks every step (glibc)
@@ -202,8 +202,8 @@ class SiteState:
             self.initialise(x, mean)
         for group in self.opt.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(step, self.cfg)
-        out = sae(x, batch.grads)
-        err = x - out.x_hat
+        code = sae.encode_sparse(x, batch.grads)
+        err = x - sae.decode_sparse(code.values, code.indices)
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         use_aux = bool(n_dead) and self.cfg.auxk_alpha > 0
@@ -221,7 +221,7 @@ class SiteState:
         aux_var = torch.zeros(1, dtype=f64, device=x.device)
         aux_num = torch.zeros((), device=x.device, dtype=x.dtype)
         if use_aux:
-            e_hat = self._auxk_reconstruction(x, out.code.pre, dead, n_dead)
+            e_hat = self._auxk_reconstruction(x, code.pre, dead, n_dead)
             aux_var = (e.to(f64) - s2[1:] / n).pow(2).sum().reshape(1)
             aux_num = (e - e_hat).pow(2).sum()
         # (3) the residual's variance, and whether any rank's loss is non-finite (all ranks stop together).
@@ -240,8 +240,8 @@ class SiteState:
         sae.normalize_decoder()
         with torch.no_grad():
             # (4) firing counts (they decide which latents are dead, so every rank must agree) and stats.
-            active = out.code.values > 0
-            counts = torch.bincount(out.code.indices[active], minlength=sae.cfg.d_sae).to(f64)
+            active = code.values > 0
+            counts = torch.bincount(code.indices[active], minlength=sae.cfg.d_sae).to(f64)
             tail = torch.stack([active.sum().to(f64), fvu.detach().to(f64), auxk.detach().to(f64)])
             s4 = dist.all_reduce(torch.cat([counts, tail]))
             counts = s4[: sae.cfg.d_sae]

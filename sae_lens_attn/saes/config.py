@@ -1,0 +1,170 @@
+"""One SAE's configuration, and its cfg.json in SAELens' v6 layout (written and read back)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .. import __version__
+
+Selection = Literal["topk", "gsae"]
+Architecture = Literal["topk", "batchtopk", "jumprelu", "standard", "gated"]
+ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "standard", "gated")
+
+#: The SAELens file-format version our files claim (the v6 layout). SAELens reads a config without
+#: ``metadata.sae_lens_version`` >= 6 through its pre-6 converter, which drops the metadata.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+def version_tuple(v: str) -> tuple[int, ...]:
+    """``"0.10.2rc1"`` -> ``(0, 10, 2)``: enough to order release versions without ``packaging``."""
+    out = []
+    for piece in str(v).split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+class SAEFileError(ValueError):
+    """An SAE directory or file that cannot be read: the message names the file and what is wrong."""
+
+
+@dataclass
+class SAEConfig:
+    """Shape and rule of one SAE, plus where it was trained (SAELens' ``metadata``)."""
+
+    d_in: int
+    """Width of the activation vectors (n_heads*d_head for hook_z with all heads)."""
+    d_sae: int
+    """Number of latents."""
+    k: int = 16
+    """Active latents per token (``topk`` only; the other architectures ignore it)."""
+    selection: Selection = "topk"
+    """``topk``: largest pre-activations; ``gsae``: largest ``z_i * (1 + beta*|W_dec[i].g|)`` (needs a gradient;
+    ``topk`` architecture only)."""
+    gsae_beta: float = 1.0
+    """g-SAE weight of the gradient term; 0 reproduces TopK exactly."""
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from the input before encoding (SAELens' default)."""
+    dtype: str = "float32"
+    """Parameter dtype."""
+    device: str = "cpu"
+    """Parameter device."""
+    reshape_activations: Literal["none", "hook_z"] = "none"
+    """``hook_z``: the SAE also reads ``[..., n_heads, d_head]`` input and flattens the heads itself, head-major
+    (as SAELens does for hook_z SAEs)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """model_name, hook_name, hook_head_index, context_size, prepend_bos, ... (SAELens v6 ``metadata``)."""
+    architecture: Architecture = "topk"
+    """Activation function, as SAELens names it: ``topk`` (TopK / g-SAE, the one we train), ``batchtopk``
+    (BatchTopK as SAELens stores it for inference: JumpReLU with one threshold), ``jumprelu``, ``standard``
+    (ReLU) or ``gated``."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae", "k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"SAEConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.architecture == "topk" and self.k > self.d_sae:
+            raise ValueError(f"SAEConfig.k ({self.k}) must not exceed d_sae ({self.d_sae})")
+        if self.selection not in ("topk", "gsae"):
+            raise ValueError(f"SAEConfig.selection must be 'topk' or 'gsae', got {self.selection!r}")
+        if self.selection == "gsae" and self.architecture != "topk":
+            raise ValueError(f"SAEConfig.selection='gsae' needs architecture='topk', got {self.architecture!r}")
+        if not math.isfinite(self.gsae_beta) or self.gsae_beta < 0:
+            raise ValueError(f"SAEConfig.gsae_beta must be a finite number >= 0, got {self.gsae_beta!r}")
+        if self.reshape_activations not in ("none", "hook_z"):
+            raise ValueError(f"SAEConfig.reshape_activations must be 'none' or 'hook_z', got {self.reshape_activations!r}")
+        if not hasattr(torch, self.dtype) or not isinstance(getattr(torch, self.dtype), torch.dtype):
+            raise ValueError(f"SAEConfig.dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
+
+    def to_saelens_dict(self) -> dict[str, Any]:
+        """cfg.json contents in SAELens' v6 layout, under this architecture's SAELens name.
+
+        TopK keeps our training rule in ``metadata.selection``/``gsae_beta`` (a g-SAE without a gradient *is*
+        TopK). BatchTopK is written as SAELens writes it for inference: ``architecture: "jumprelu"`` with
+        ``metadata.training_architecture: "batchtopk"``.
+        """
+        meta = dict(self.metadata)
+        # SAELens treats a cfg.json without metadata.sae_lens_version as pre-v6 and drops the metadata.
+        meta["sae_lens_version"] = SAELENS_FORMAT_VERSION
+        meta["sae_lens_attn_version"] = __version__
+        arch: str = self.architecture
+        extra: dict[str, Any] = {}
+        if arch == "topk":
+            meta.update(selection=self.selection, gsae_beta=self.gsae_beta)
+            extra = {"k": self.k, "rescale_acts_by_decoder_norm": False}
+        elif arch == "batchtopk":
+            arch = "jumprelu"
+            meta["training_architecture"] = "batchtopk"
+        return {
+            "architecture": arch,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            **extra,
+            "dtype": self.dtype,
+            "device": self.device,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": self.reshape_activations,
+            "metadata": meta,
+        }
+
+    @classmethod
+    def from_saelens_dict(cls, d: dict[str, Any], source: str = "cfg.json") -> SAEConfig:
+        """The config of a v6 cfg.json (``sae_lens_attn.saes.loading`` converts older ones first).
+
+        Functions SAELens computes at run time (``rescale_acts_by_decoder_norm``, ``normalize_activations``)
+        must have been folded into the weights by the caller; they are refused here.
+        """
+        arch = d.get("architecture")
+        meta = dict(d.get("metadata") or {})
+        if arch == "jumprelu" and meta.get("training_architecture") == "batchtopk":
+            arch = "batchtopk"
+        if arch not in ARCHITECTURES:
+            raise SAEFileError(f"{source}: architecture {arch!r} is not supported (supported: {ARCHITECTURES})")
+        if d.get("normalize_activations", "none") != "none":
+            raise SAEFileError(f"{source}: normalize_activations={d['normalize_activations']!r} is not supported; fold it first")
+        if d.get("rescale_acts_by_decoder_norm", False):
+            raise SAEFileError(f"{source}: rescale_acts_by_decoder_norm=True must be folded into the weights first")
+        missing = [key for key in ("d_in", "d_sae") + (("k",) if arch == "topk" else ()) if key not in d]
+        if missing:
+            raise SAEFileError(f"{source}: missing field(s) {missing}")
+        selection = meta.pop("selection", "topk")
+        beta = meta.pop("gsae_beta", 1.0)
+        # File-format stamps, not user metadata: to_saelens_dict writes them again.
+        meta.pop("sae_lens_version", None)
+        meta.pop("sae_lens_training_version", None)
+        theirs = meta.pop("sae_lens_attn_version", None)
+        if theirs is not None and version_tuple(str(theirs)) > version_tuple(__version__):
+            raise SAEFileError(
+                f"{source}: written by sae_lens_attn {theirs}, newer than this sae_lens_attn {__version__}; "
+                "upgrade sae_lens_attn to read it"
+            )
+        if arch == "batchtopk":
+            meta.pop("training_architecture", None)
+        try:
+            return cls(
+                d_in=int(d["d_in"]),
+                d_sae=int(d["d_sae"]),
+                **({"k": int(d["k"])} if arch == "topk" else {}),
+                selection=selection if arch == "topk" else "topk",
+                gsae_beta=float(beta),
+                apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
+                dtype=str(d.get("dtype", "float32")).removeprefix("torch."),
+                device=str(d.get("device", "cpu")),
+                reshape_activations=d.get("reshape_activations", "none"),
+                metadata=meta,
+                architecture=arch,
+            )
+        except (TypeError, ValueError) as err:
+            raise SAEFileError(f"{source}: {err}") from err
