@@ -25,7 +25,6 @@ which SAELens treats a config as pre-v6 and drops the metadata (hook name, model
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from jaxtyping import Float
 
 from . import __version__
+from .files import ensure_dir, save_tensors, weights_only_refusal, write_json
 from .sae import (
     CFG_FILENAME,
     SAE,
@@ -216,21 +216,14 @@ class ReLUSAE(SAE):
 
     def save(self, path: str | os.PathLike, log_sparsity: torch.Tensor | None = None) -> Path:
         """Write SAELens' v6 layout with this SAE's own architecture (``standard`` or ``jumprelu``)."""
-        from safetensors.torch import save_file
-
-        from .files import atomic_write
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        path = ensure_dir(path)
         tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters()}
         if self.architecture == "jumprelu":
             tensors["threshold"] = self.threshold.detach().contiguous().cpu()
-        atomic_write(path / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
+        save_tensors(path / WEIGHTS_FILENAME, tensors)
         if log_sparsity is not None:
-            sp = {"sparsity": log_sparsity.detach().float().contiguous().cpu()}
-            atomic_write(path / SPARSITY_FILENAME, lambda tmp: save_file(sp, tmp))
-        d = saelens_export_dict(self)
-        atomic_write(path / CFG_FILENAME, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=2)))
+            save_tensors(path / SPARSITY_FILENAME, {"sparsity": log_sparsity.detach().float().contiguous().cpu()})
+        write_json(path / CFG_FILENAME, saelens_export_dict(self), indent=2)
         return path
 
 
@@ -247,8 +240,11 @@ def _read_tensors(f: Path) -> dict[str, torch.Tensor]:
             return load_file(str(f))
         obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors / zipfile / pickle errors for damaged files
-        raise SAEFileError(f"{f}: unreadable weights file ({type(err).__name__}: {err}); it is truncated or "
-                           "corrupted") from err
+        refusal = weights_only_refusal(f, err)
+        if refusal is not None:  # a valid pickle of more than tensors: refused on purpose, not damaged
+            raise SAEFileError(refusal) from err
+        raise SAEFileError(f"{f}: unreadable weights file ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+                           "it is truncated or corrupted") from err
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -376,10 +372,7 @@ def export_saelens(sae: SAE, path: str | os.PathLike, log_sparsity: torch.Tensor
         raise ValueError(f"cannot export to SAELens: {'; '.join(problems)}")
     path = sae.save(path, log_sparsity)
     if not isinstance(sae, ReLUSAE):  # SAE.save writes its own cfg.json; add what SAELens needs
-        from .files import atomic_write
-
-        text = json.dumps(saelens_export_dict(sae), indent=2)
-        atomic_write(path / CFG_FILENAME, lambda tmp: Path(tmp).write_text(text))
+        write_json(path / CFG_FILENAME, saelens_export_dict(sae), indent=2)
     return path
 
 
@@ -480,8 +473,7 @@ def export_neuronpedia(
     uploader (as SAELens' neuronpedia runner wrote it). ``kwargs`` go to :func:`neuronpedia_features`."""
     if features_per_batch <= 0:
         raise ValueError(f"features_per_batch must be positive, got {features_per_batch}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     ids = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
     layer = sae.cfg.metadata.get("hook_layer")
     if layer is None and kwargs.get("site") is not None:
@@ -499,9 +491,9 @@ def export_neuronpedia(
         doc = {"model_id": model_id, "layer": str(layer), "sae_id": sae_id, "features": live,
                "n_prompts_to_select": int(rows.shape[0])}
         f = out / f"batch-{b}.json"
-        f.write_text(json.dumps(doc, allow_nan=False))
+        write_json(f, doc, allow_nan=False)
         written.append(f)
     skipped_doc = {"model_id": model_id, "layer": str(layer), "sae_id": sae_id,
                    "log_sparsity": dead_log_sparsity, "skipped_indexes": skipped}
-    (out / "skipped_indexes.json").write_text(json.dumps(skipped_doc))
+    write_json(out / "skipped_indexes.json", skipped_doc)
     return written
