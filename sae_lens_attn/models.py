@@ -55,9 +55,11 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    from .devices import check_device
+
     local = _local_dir(name_or_path)
     target = str(local) if local is not None else str(name_or_path)
-    device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(check_device(device))  # before anything loads: a missing GPU is one clear error
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from . import __version__
-from .files import atomic_write
+from .files import ensure_dir, save_tensors, write_json
 from .kernels import dense_pre, kernels_enabled, rowwise_dot, selected_pre, sparse_decode, topk_indices
 
 Selection = Literal["topk", "gsae"]
@@ -354,8 +354,18 @@ class SAE(nn.Module):
         g.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1.0)
 
     # --- checking -------------------------------------------------------------------------------------
-    def check_site(self, site, model_cfg) -> None:
-        """Raise if this SAE cannot read ``site`` of a model with ``model_cfg`` (width or layer mismatch)."""
+    def check_site(self, site, model, *, allow_transfer: bool | None = None) -> None:
+        """Raise if this SAE cannot read ``site`` of ``model`` (a loaded model, or its ``cfg``).
+
+        The site must exist and have the SAE's width; and, unless transfer is allowed, it must be the site
+        and model in the SAE's metadata (layer, hook name, head, and model name when ``model`` is a model;
+        fields the metadata lacks are not compared; :mod:`~sae_lens_attn.provenance` has the rule for model
+        names). ``allow_transfer``: accept another site or model of the same width; None (default) means
+        only inside a :func:`~sae_lens_attn.provenance.transfer_allowed` block.
+        """
+        from .provenance import SiteMismatchError, site_mismatches, transfer_is_allowed
+
+        model_cfg = model.cfg if hasattr(model, "cfg") and hasattr(model, "parameters") else model
         site.validate(model_cfg)
         want = site.d_in(model_cfg)
         if want != self.cfg.d_in:
@@ -363,22 +373,30 @@ class SAE(nn.Module):
                 f"d_in mismatch: the SAE expects d_in={self.cfg.d_in}, but site {site.label} "
                 f"({site.hook_name}) of this model has width {want}; load the SAE trained for this site"
             )
+        if allow_transfer or (allow_transfer is None and transfer_is_allowed()):
+            return
+        from .models import model_name
+
+        name = model_name(model) if model_cfg is not model else None
+        problems = site_mismatches(self.cfg.metadata, site, name)
+        if problems:
+            raise SiteMismatchError(
+                f"this SAE is applied to {site.label} ({site.hook_name}) but its metadata says it was trained "
+                f"elsewhere: {'; '.join(problems)}. Apply it where it was trained, or pass allow_transfer=True "
+                "(--allow-transfer) for a deliberate transfer experiment"
+            )
 
     # --- files ----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, log_sparsity: torch.Tensor | None = None) -> Path:
         """Write SAELens' v6 layout; each file is written to a temporary name and renamed, so a crash never
-        leaves a half-written file under the final name."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        leaves a half-written file under the final name. A failure to write raises
+        :class:`~sae_lens_attn.files.WriteError` naming the file, the bytes needed and the free space."""
+        path = ensure_dir(path)
         tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters()}
-        atomic_write(path / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
+        save_tensors(path / WEIGHTS_FILENAME, tensors)
         if log_sparsity is not None:
-            sp = {"sparsity": log_sparsity.detach().float().contiguous().cpu()}
-            atomic_write(path / SPARSITY_FILENAME, lambda tmp: save_file(sp, tmp))
-        text = json.dumps(self.cfg.to_saelens_dict(), indent=2)
-        atomic_write(path / CFG_FILENAME, lambda tmp: Path(tmp).write_text(text))
+            save_tensors(path / SPARSITY_FILENAME, {"sparsity": log_sparsity.detach().float().contiguous().cpu()})
+        write_json(path / CFG_FILENAME, self.cfg.to_saelens_dict(), indent=2)
         return path
 
     @classmethod
