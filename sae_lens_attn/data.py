@@ -155,7 +155,7 @@ def load_token_array(path: str | os.PathLike) -> torch.Tensor:
         try:
             arr = torch.load(p, weights_only=True)
         except Exception as err:  # zipfile/pickle errors
-            from .files import weights_only_refusal
+            from .weights_only import weights_only_refusal
 
             raise ValueError(weights_only_refusal(p, err) or f"{p}: unreadable token array ({type(err).__name__}); "
                              "the file is truncated or corrupted") from err

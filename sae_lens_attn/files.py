@@ -30,7 +30,6 @@ from typing import Any
 
 _CHUNK = 8 << 20  # bytes per write(2): big enough to be cheap, small enough to report progress
 _OS_ERROR_RE = re.compile(r"os error (\d+)")
-_PLAIN_GLOBALS = ("collections.OrderedDict", "_codecs.encode")
 _NOSPACE = (errno_mod.ENOSPC, getattr(errno_mod, "EDQUOT", -1))
 
 
@@ -76,8 +75,9 @@ def _fix(err_no: int | None, path: Path, needed: int | None, free: int | None) -
     where = path.parent if not path.is_dir() else path
     if err_no in _NOSPACE:
         quota = " (or your quota)" if err_no != errno_mod.ENOSPC else ""
-        short = f" at least {human_bytes(needed - free)}" if needed is not None and free is not None and needed > free else ""
-        return f"free{short} space on that file system{quota}, or write to a directory on another one"
+        short = needed is not None and free is not None and needed > free
+        amount = f"at least {human_bytes(needed - free)}" if short else "space"
+        return f"free {amount} on that file system{quota}, or write to a directory on another one"
     if err_no == errno_mod.EROFS:
         return "that file system is mounted read-only: write to a directory on a writable file system"
     if err_no in (errno_mod.EACCES, errno_mod.EPERM):
@@ -393,49 +393,3 @@ def append_text(path: str | os.PathLike, text: str) -> None:
             f.write(data)
     except OSError as err:
         raise write_error(path, err, needed=len(data)) from err
-
-
-# ------------------------------------------------------------------------------------------- reading .pt
-
-
-def weights_only_refusal(path: str | os.PathLike, err: BaseException) -> str | None:
-    """Why ``torch.load(path, weights_only=True)`` refused a file that *is* a valid pickle, or None when the
-    file is damaged (not a pickle at all). Reads the pickle's opcodes without executing any of them."""
-    import pickle
-    import pickletools
-    import zipfile
-
-    if not isinstance(err, pickle.UnpicklingError) or "Weights only load failed" not in str(err):
-        return None
-    path = Path(path)
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-                if name is None:
-                    return None
-                data, kind = z.read(name), "torch.save file"
-        else:
-            data, kind = path.read_bytes(), "pickle"
-        names, strings, protocol = [], [], None
-        for op, arg, _ in pickletools.genops(data):
-            if op.name == "PROTO":
-                protocol = arg
-            elif op.name == "GLOBAL":
-                names.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
-            if isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # not a pickle: damaged or another format
-        return None
-    foreign = sorted({n for n in names if not n.startswith("torch.") and n not in _PLAIN_GLOBALS})
-    if foreign:
-        what = f"it pickles Python objects ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
-    elif kind == "pickle" and protocol is not None and protocol > 2:
-        what = f"it is a plain Python pickle (protocol {protocol}), not written by torch.save"
-    else:
-        what = "it needs pickle features beyond tensors and plain containers"
-    return (f"{path} is not a weights-only file: {what}, and unpickling such a file can run arbitrary code, so "
-            "it is not loaded. Re-save the tensors from a trusted copy with safetensors or torch.save of a "
-            "dict of tensors")

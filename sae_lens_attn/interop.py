@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float
 
 from . import __version__
-from .files import ensure_dir, save_tensors, weights_only_refusal, write_json
+from .files import ensure_dir, save_tensors, write_json
 from .sae import (
     CFG_FILENAME,
     SAE,
@@ -47,6 +47,7 @@ from .sae import (
     version_tuple,  # noqa: F401  (re-exported)
 )
 from .sites import Site
+from .weights_only import weights_only_refusal
 
 #: The SAELens file-format version our exports claim (the v6 layout). SAELens reads a config without
 #: ``sae_lens_version`` >= 6 through its pre-6 converter, which keeps only pre-6 top-level metadata keys.

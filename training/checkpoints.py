@@ -25,11 +25,11 @@ from sae_lens_attn.files import (
     fsync_dir,
     make_temp_dir,
     save_torch,
-    weights_only_refusal,
     write_error,
     write_json,
 )
 from sae_lens_attn.sae import SAE
+from sae_lens_attn.weights_only import weights_only_refusal
 
 CHECKPOINT_FORMAT = "sae_lens_attn.checkpoint"
 #: Bumped when trainer_state.pt changes shape; a newer checkpoint is refused with a clear message.

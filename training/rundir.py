@@ -91,7 +91,10 @@ def prepare_run_dir(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run
                 "--overwrite true to delete it and start afresh, or train into a new --out-dir"
             )
         for p in found:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
         log(f"--overwrite: deleted the earlier run in {out_dir} ({_names(found)})")
     return RunStart(new_run_id(), None)
 
