@@ -9,10 +9,11 @@ induction features with the heads and source tokens they come from; ``--out`` al
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
+
+from sae_lens_attn.files import write_json
 
 ERRORS = (ValueError, FileNotFoundError, OSError, FloatingPointError, KeyError)
 
@@ -27,6 +28,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-rows", type=int, default=16, help="rows per model forward pass")
     p.add_argument("--device", default=None, help="'cpu', 'cuda', ... (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="seeds random sequences and example sampling")
+    p.add_argument("--allow-transfer", action="store_true",
+                   help="apply the SAE to another model than its metadata's model_name (a deliberate transfer "
+                   "experiment); without it, a model other than the SAE's is refused")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -80,7 +84,7 @@ def _load(args):
     features = _parse_features(getattr(args, "features", None), sae.cfg.d_sae)
     model = load_model(args.model or sae.cfg.metadata.get("model_name"), device=args.device)
     sae = sae.to(model_device(model))
-    sae.check_site(site, model.cfg)
+    sae.check_site(site, model, allow_transfer=args.allow_transfer)
     n_ctx = min(args.context_size or int(sae.cfg.metadata.get("context_size") or 128), int(model.cfg.n_ctx))
     rows = token_rows(args.dataset or SAMPLE_TEXT, model.tokenizer, n_ctx, token_policy(model),
                       max_rows=max(1, math.ceil(args.tokens / n_ctx)), text_field=args.text_field)
@@ -152,8 +156,7 @@ def run_analyze(args) -> int:
         print(f"  #{f.feature:<6d} mass {f.mass_second:.2f}  DFA {f.head_fraction:.0%} from L{site.layer}H{f.head}, "
               f"{f.source_fraction:.0%} of it from the token after the earlier occurrence")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(args.out, report, indent=1)
         print(f"\nreport written to {Path(args.out).resolve()}")
     return 0
 
@@ -182,8 +185,11 @@ def run_dashboard(args) -> int:
 
 def run(args) -> int:
     """Dispatch ``analyze`` / ``dashboard``; errors a user can fix print one line and return 2."""
+    from sae_lens_attn.provenance import transfer_allowed
+
     try:
-        return run_analyze(args) if args.command == "analyze" else run_dashboard(args)
+        with transfer_allowed(args.allow_transfer):
+            return run_analyze(args) if args.command == "analyze" else run_dashboard(args)
     except ERRORS as err:
         print(f"sae-lens-attn: error: {err}", file=sys.stderr)
         return 2

@@ -10,7 +10,6 @@ written once next to the pages (``plotlyjs="file"``: much smaller pages, the fol
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from sae_lens_attn.files import ensure_dir, write_json, write_text
 from sae_lens_attn.models import model_name
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
@@ -257,20 +257,18 @@ def write_dashboards(
     ``index.html``; ``extra`` adds index columns (e.g. ``{"induction": {feature: score}}``)."""
     cfg = cfg or DashboardConfig()
     site = sae_site(sae, site)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     if features is None:
         features = [int(f) for f, c in zip(stats.features.tolist(), stats.fire_count.tolist()) if c > 0]
     if cfg.plotlyjs == "file":
         from plotly.offline import get_plotlyjs
 
-        (out / PLOTLY_FILE).write_text(get_plotlyjs(), encoding="utf-8")
+        write_text(out / PLOTLY_FILE, get_plotlyjs())
     files = DashboardFiles(out / "index.html")
     for f in features:
         path = out / f"feature_{int(f)}.html"
-        path.write_text(feature_page(model, sae, stats, int(f), site, cfg), encoding="utf-8")
+        write_text(path, feature_page(model, sae, stats, int(f), site, cfg))
         files.pages[int(f)] = path
-    files.index.write_text(index_page(model, sae, stats, {f: p.name for f, p in files.pages.items()}, site, extra),
-                           encoding="utf-8")
-    (out / "features.json").write_text(json.dumps({"site": site.label, "features": sorted(files.pages)}, indent=1))
+    write_text(files.index, index_page(model, sae, stats, {f: p.name for f, p in files.pages.items()}, site, extra))
+    write_json(out / "features.json", {"site": site.label, "features": sorted(files.pages)}, indent=1)
     return files

@@ -35,452 +35,49 @@ than the 64k-token buffer of :func:`sae_lens_attn.activations.activation_batches
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
 import os
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Int
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .activations import SiteBatch, check_sites, harvest
-from .files import atomic_write
-from .models import model_name
+from .activations import SiteBatch
+
+# Re-exported: ``from sae_lens_attn.cache import ...`` keeps working for the writer and the manifest too.
+from .cache_manifest import (  # noqa: F401
+    _INDEX_DTYPES,
+    _INDEX_KEYS,
+    _ST_DTYPE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILENAME,
+    CacheError,
+    CacheWriteError,
+    Manifest,
+    ShardInfo,
+    SiteInfo,
+    _sha256_file,
+    _tensor_names,
+    read_manifest,
+)
+from .cache_write import LOCK_FILENAME, write_cache  # noqa: F401
 from .sites import Site
-
-FORMAT = "sae_lens_attn.activation_cache"
-FORMAT_VERSION = 1
-MANIFEST_FILENAME = "manifest.json"
-LOCK_FILENAME = ".write.lock"
-_SHARD_RE = re.compile(r"^shard_(\d{5,})\.safetensors$")
-_TMP_RE = re.compile(r"^\.(shard_\d{5,}\.safetensors|manifest\.json)\..*\.tmp$")
-_INDEX_KEYS = ("token_ids", "row", "pos")
-_INDEX_DTYPES = {"token_ids": torch.int32, "row": torch.int64, "pos": torch.int32}
-# safetensors' header spelling of torch dtypes (what ``get_slice(...).get_dtype()`` returns).
-_ST_DTYPE = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-}
-
-
-class CacheError(ValueError):
-    """A cache directory that cannot be used as asked: the message names the file/field and what is wrong."""
-
-
-class CacheWriteError(CacheError, OSError):
-    """Writing a shard or the manifest failed (e.g. ENOSPC); what was already committed is intact."""
-
-
-# --------------------------------------------------------------------------------------------- manifest
-
-
-@dataclass
-class SiteInfo:
-    label: str
-    hook_name: str
-    d_in: int
-
-    @property
-    def site(self) -> Site:
-        return Site.parse(self.label)
-
-
-@dataclass
-class ShardInfo:
-    file: str
-    """File name inside the cache directory."""
-    n_tokens: int
-    """Vectors per site in this shard."""
-    row_start: int
-    """First token row (index into the caller's row tensor) this shard covers."""
-    row_end: int
-    """One past the last token row it covers."""
-    size: int
-    """Bytes on disk: a cheap truncation check done on every open."""
-    sha256: str
-    """Of the whole file: checked when opened with ``verify=True``."""
-    rows_sha256: str
-    """Of the token rows ``[row_start, row_end)`` as int64: refuses extending with a different row tensor."""
-
-
-@dataclass
-class Manifest:
-    """Everything needed to trust and read a cache, and to continue writing it."""
-
-    model_name: str
-    model_cfg: dict[str, int]
-    """n_layers, n_heads, d_head, d_model of the model that produced the activations."""
-    sites: list[SiteInfo]
-    dtype: str
-    """Activation dtype, e.g. ``"float32"``."""
-    with_grad: bool
-    drop_bos: bool
-    context_size: int
-    """Tokens per row (the row tensor's second dimension)."""
-    rows_done: int = 0
-    """Leading token rows of the caller's row tensor that are committed to shards."""
-    n_tokens: int = 0
-    shards: list[ShardInfo] = field(default_factory=list)
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
-
-    def site_objects(self) -> list[Site]:
-        return [s.site for s in self.sites]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: Path) -> Manifest:
-        if d.get("format") != FORMAT:
-            raise CacheError(f"{where}: not an activation-cache manifest (format={d.get('format')!r})")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise CacheError(
-                f"{where}: format_version {d.get('format_version')!r} is not supported (this code reads "
-                f"{FORMAT_VERSION}); rebuild the cache with this version of sae_lens_attn"
-            )
-        try:
-            d = dict(d)
-            d["sites"] = [SiteInfo(**s) for s in d["sites"]]
-            d["shards"] = [ShardInfo(**s) for s in d["shards"]]
-            return cls(**d)
-        except (KeyError, TypeError) as err:
-            raise CacheError(f"{where}: malformed manifest ({err})") from err
-
-
-def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
-    """The manifest of ``cache_dir``; :class:`CacheError` if it is missing or unreadable."""
-    path = Path(cache_dir) / MANIFEST_FILENAME
-    if not path.exists():
-        raise CacheError(
-            f"{path} is missing: {cache_dir} is not an activation cache (write one with write_cache)"
-        )
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CacheError(f"{path}: unreadable manifest ({err})") from err
-    return Manifest.from_dict(raw, path)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _model_dtype(model) -> torch.dtype:
-    dt = getattr(model.cfg, "dtype", None)
-    return dt if isinstance(dt, torch.dtype) else next(iter(model.parameters())).dtype
-
-
-def _new_manifest(
-    model, sites: Sequence[Site], with_grad: bool, drop_bos: bool, context_size: int
-) -> Manifest:
-    cfg = model.cfg
-    return Manifest(
-        model_name=model_name(model),
-        model_cfg={k: int(getattr(cfg, k)) for k in ("n_layers", "n_heads", "d_head", "d_model")},
-        sites=[SiteInfo(s.label, s.hook_name, s.d_in(cfg)) for s in sites],
-        dtype=_dtype_name(_model_dtype(model)),
-        with_grad=with_grad,
-        drop_bos=drop_bos,
-        context_size=context_size,
-    )
-
-
-def _check_compatible(have: Manifest, want: Manifest, cache_dir: Path) -> None:
-    """Refuse to append data produced under other settings: a cache must be one homogeneous data set."""
-
-    def sites_key(m: Manifest) -> list[tuple[str, str, int]]:
-        return sorted((s.label, s.hook_name, s.d_in) for s in m.sites)
-
-    diffs = []
-    for name, a, b in (
-        ("model_name", have.model_name, want.model_name),
-        ("model_cfg", have.model_cfg, want.model_cfg),
-        ("sites", [s[0] for s in sites_key(have)], [s[0] for s in sites_key(want)]),
-        ("site widths", sites_key(have), sites_key(want)),
-        ("with_grad", have.with_grad, want.with_grad),
-        ("dtype", have.dtype, want.dtype),
-        ("drop_bos", have.drop_bos, want.drop_bos),
-        ("context_size", have.context_size, want.context_size),
-    ):
-        if a != b:
-            diffs.append(f"{name}: cache has {a!r}, this call has {b!r}")
-    if diffs:
-        raise CacheError(
-            f"{cache_dir} holds a cache written with other settings, so it cannot be extended: "
-            + "; ".join(diffs)
-            + ". Use another cache_dir, or call write_cache with the cache's settings"
-        )
-
-
-# ------------------------------------------------------------------------------------------- file I/O
-
-
-def _sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _rows_sha256(rows: torch.Tensor) -> str:
-    return hashlib.sha256(rows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 @contextmanager
-def _write_lock(cache_dir: Path):
-    """One writer per cache: a second one would interleave shards and delete the first one's temp files."""
+def _open_shard(path: Path):
+    """``safe_open`` of a shard, its failures (deleted, truncated, not safetensors) as a CacheError."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the single-writer rule is the caller's
-        yield
-        return
-    fh = open(cache_dir / LOCK_FILENAME, "a")
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CacheError(
-                f"another write_cache is writing to {cache_dir}; wait for it to finish"
-            ) from None
-        yield
-    finally:
-        fh.close()  # closing releases the lock
-
-
-def _remove_leftovers(cache_dir: Path, manifest: Manifest | None) -> list[str]:
-    """Temp files of an interrupted write, and shard files the manifest never listed (renamed, then crash)."""
-    listed = {s.file for s in manifest.shards} if manifest is not None else set()
-    removed = []
-    for p in cache_dir.iterdir():
-        if _TMP_RE.match(p.name) or (_SHARD_RE.match(p.name) and p.name not in listed):
-            p.unlink()
-            removed.append(p.name)
-    return removed
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def _shard_name(index: int) -> str:
-    return f"shard_{index:05d}.safetensors"
-
-
-def _tensor_names(sites: Sequence[Site] | Sequence[SiteInfo], with_grad: bool) -> list[str]:
-    names = []
-    for s in sites:
-        names.append(f"{s.label}.acts")
-        if with_grad:
-            names.append(f"{s.label}.grads")
-    return names
-
-
-def write_cache(
-    model,
-    rows: Int[torch.Tensor, "rows pos"],
-    sites: Sequence[Site],
-    cache_dir: str | os.PathLike,
-    *,
-    with_grad: bool = False,
-    drop_bos: bool = True,
-    shard_tokens: int = 65536,
-    model_batch_rows: int = 32,
-) -> Manifest:
-    """Harvest ``rows`` through :func:`~sae_lens_attn.activations.harvest` and store them as shards.
-
-    On an existing cache this continues from the manifest's ``rows_done``: pass the same full row tensor
-    (longer, to extend). Settings must match the cache's (else :class:`CacheError` naming the field), and
-    the already-cached rows must be the ones passed (checked by hash). Leftovers of a crashed write are
-    removed first. A shard holds whole rows and at most ``shard_tokens`` vectors per site (more only when a
-    single row is longer). Vectors are stored exactly as harvested, in row-major (row, pos) order, BOS
-    dropped with ``drop_bos`` -- the order and values of :func:`~sae_lens_attn.activations.harvest_all`.
-
-    Raises :class:`CacheWriteError` when the disk refuses a write (e.g. ENOSPC); the partial shard is
-    removed and the manifest and the shards already committed are untouched, so the same call can be
-    repeated once space is freed.
-    """
-    if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    if model_batch_rows <= 0:
-        raise ValueError(f"model_batch_rows must be positive, got {model_batch_rows}")
-    if rows.ndim != 2 or rows.shape[0] == 0:
-        raise ValueError(f"rows must be a non-empty [rows, pos] token tensor, got shape {tuple(rows.shape)}")
-    if rows.dtype.is_floating_point or rows.dtype == torch.bool:
-        raise ValueError(f"rows must hold integer token ids, got dtype {rows.dtype}")
-    sites = list(sites)
-    check_sites(model, sites)
-    if len({s.label for s in sites}) != len(sites):
-        raise ValueError(f"duplicate sites in {[s.label for s in sites]}")
-    rows = rows.detach().cpu()
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = cache_dir / MANIFEST_FILENAME
-
-    with _write_lock(cache_dir):
-        want = _new_manifest(model, sites, with_grad, drop_bos, int(rows.shape[1]))
-        if manifest_path.exists():
-            manifest = read_manifest(cache_dir)
-            _check_compatible(manifest, want, cache_dir)
-            _remove_leftovers(cache_dir, manifest)
-            if rows.shape[0] < manifest.rows_done:
-                raise CacheError(
-                    f"{cache_dir} already holds {manifest.rows_done} rows but only {rows.shape[0]} were passed: "
-                    "pass the same full row tensor the cache was written from"
-                )
-            for sh in manifest.shards:
-                if _rows_sha256(rows[sh.row_start : sh.row_end]) != sh.rows_sha256:
-                    raise CacheError(
-                        f"rows {sh.row_start}..{sh.row_end} passed differ from those cached in {sh.file} of "
-                        f"{cache_dir}: pass the same row tensor the cache was written from"
-                    )
-        else:
-            _remove_leftovers(cache_dir, None)
-            manifest = want
-            _commit_manifest(cache_dir, manifest, None)
-        writer = _ShardWriter(cache_dir, manifest, rows, shard_tokens)
-        # The cache's site order (which may differ from the caller's) decides the order tensors are stored.
-        sites = manifest.site_objects()
-        for start in range(manifest.rows_done, rows.shape[0], model_batch_rows):
-            chunk = rows[start : start + model_batch_rows]
-            writer.add(start, harvest(model, chunk, sites, with_grad, drop_bos), sites, with_grad)
-        writer.flush()
-        return manifest
-
-
-def _commit_manifest(cache_dir: Path, manifest: Manifest, shard: str | None) -> None:
-    text = manifest.to_json()
-    try:
-        atomic_write(cache_dir / MANIFEST_FILENAME, lambda tmp: Path(tmp).write_text(text))
-    except OSError as err:
-        raise _write_error(cache_dir, MANIFEST_FILENAME, err, manifest, shard) from err
-
-
-def _write_error(
-    cache_dir: Path, what: str, err: OSError, manifest: Manifest, shard: str | None
-) -> CacheWriteError:
-    n_shards = len(manifest.shards) - (1 if shard else 0)
-    why = (
-        "no space left on device (ENOSPC)"
-        if err.errno == errno.ENOSPC
-        else f"{err.__class__.__name__}: {err}"
-    )
-    if (cache_dir / MANIFEST_FILENAME).exists():
-        state = f"manifest.json still lists the {n_shards} complete shard(s) written before"
-    else:
-        state = "no manifest.json was written yet"
-    return CacheWriteError(
-        f"writing {what} to cache {cache_dir} failed: {why}. Nothing already saved was damaged: the partial "
-        f"file was removed and {state}. Free space (or fix the error) and call write_cache again with the "
-        "same rows to continue"
-    )
-
-
-class _ShardWriter:
-    """Groups harvested rows into shards of whole rows and commits each one (shard file, then manifest)."""
-
-    def __init__(self, cache_dir: Path, manifest: Manifest, rows: torch.Tensor, shard_tokens: int):
-        self.cache_dir = cache_dir
-        self.manifest = manifest
-        self.rows = rows
-        self.shard_tokens = shard_tokens
-        self.pieces: list[dict[str, torch.Tensor]] = []
-        self.n = 0
-        self.row_start = manifest.rows_done
-        self.row_end = manifest.rows_done
-        self.dtype = getattr(torch, manifest.dtype)
-
-    def add(self, start: int, h, sites: Sequence[Site], with_grad: bool) -> None:
-        """Queue the harvest ``h`` of rows ``start..``; commit a shard whenever the next row would overflow it."""
-        mask = h.mask.cpu()
-        chunk = self.rows[start : start + mask.shape[0]]
-        keep = mask.reshape(-1)
-        r_local, pos = mask.nonzero(as_tuple=True)
-        flat = {
-            "token_ids": chunk[mask].to(_INDEX_DTYPES["token_ids"]),
-            "row": (r_local + start).to(_INDEX_DTYPES["row"]),
-            "pos": pos.to(_INDEX_DTYPES["pos"]),
-        }
-        for s in sites:
-            for kind, src in (("acts", h.acts), ("grads", h.grads if with_grad else None)):
-                if src is None:
-                    continue
-                t = src[s]
-                if t.dtype != self.dtype:
-                    raise CacheError(
-                        f"site {s.label}: harvested {kind} are {t.dtype} but the cache {self.cache_dir} stores "
-                        f"{self.manifest.dtype}"
-                    )
-                flat[f"{s.label}.{kind}"] = t.reshape(-1, t.shape[-1]).cpu()[keep]
-        counts = mask.sum(1).tolist()
-        seg_from, offset = 0, 0  # vector offsets within this chunk
-        for i, c in enumerate(counts):
-            if self.n > 0 and self.n + c > self.shard_tokens:
-                self.pieces.append({k: v[seg_from:offset] for k, v in flat.items()})
-                self.flush_pending()
-                seg_from = offset
-            self.n += c
-            offset += c
-            self.row_end = start + i + 1
-        self.pieces.append({k: v[seg_from:offset] for k, v in flat.items()})
-
-    def flush(self) -> None:
-        """Commit the last, possibly smaller, shard."""
-        if self.row_end > self.row_start:
-            self.flush_pending()
-
-    def flush_pending(self) -> None:
-        tensors = {k: torch.cat([p[k] for p in self.pieces]).contiguous() for k in self.pieces[0]}
-        m = self.manifest
-        index = len(m.shards)
-        name = _shard_name(index)
-        meta = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "shard": str(index),
-            "row_start": str(self.row_start),
-            "row_end": str(self.row_end),
-            "n_tokens": str(self.n),
-        }
-        try:
-            atomic_write(self.cache_dir / name, lambda tmp: save_file(tensors, tmp, metadata=meta))
-        except OSError as err:
-            raise _write_error(self.cache_dir, name, err, m, None) from err
-        path = self.cache_dir / name
-        info = ShardInfo(
-            file=name,
-            n_tokens=self.n,
-            row_start=self.row_start,
-            row_end=self.row_end,
-            size=path.stat().st_size,
-            sha256=_sha256_file(path),
-            rows_sha256=_rows_sha256(self.rows[self.row_start : self.row_end]),
-        )
-        m.shards.append(info)
-        m.rows_done, m.n_tokens = self.row_end, m.n_tokens + self.n
-        try:
-            _commit_manifest(self.cache_dir, m, name)
-        except CacheWriteError:
-            m.shards.pop()
-            m.rows_done, m.n_tokens = self.row_start, m.n_tokens - self.n
-            path.unlink(missing_ok=True)  # listed nowhere; the next write_cache would remove it anyway
-            raise
-        self.pieces, self.n, self.row_start = [], 0, self.row_end
-
-
-# ---------------------------------------------------------------------------------------------- reading
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except FileNotFoundError as err:
+        raise CacheError(f"{path} is missing (deleted after the cache was opened?)") from err
+    except Exception as err:  # safetensors raises its own error type for unreadable headers and data
+        raise CacheError(f"{path}: unreadable safetensors file ({err}); it is truncated or corrupted") from err
 
 
 class TokenIndex(NamedTuple):
@@ -586,16 +183,10 @@ class CachedActivations:
         for s in m.sites:
             for kind in ("acts", "grads") if m.with_grad else ("acts",):
                 expected[f"{s.label}.{kind}"] = ([sh.n_tokens, s.d_in], dtype)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = set(f.keys())
-                meta = f.metadata() or {}
-                shapes = {
-                    k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-                    for k in keys & set(expected)
-                }
-        except Exception as err:  # safetensors raises its own error type for unreadable headers
-            raise CacheError(f"{path}: unreadable safetensors file ({err})") from err
+        with _open_shard(path) as f:
+            keys = set(f.keys())
+            meta = f.metadata() or {}
+            shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in keys & set(expected)}
         missing = sorted(set(expected) - keys)
         if missing:
             raise CacheError(f"{path} lacks tensors {missing} that the manifest's sites need")
@@ -637,17 +228,13 @@ class CachedActivations:
     def _names(self) -> list[str]:
         return _tensor_names(self._sites, self.with_grad)
 
-    def _read(self, sh: ShardInfo, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        path = self.cache_dir / sh.file
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in names}
-        except FileNotFoundError as err:
-            raise CacheError(f"{path} is missing (deleted after the cache was opened?)") from err
-        except Exception as err:
-            raise CacheError(
-                f"{path}: unreadable safetensors file ({err}); it is truncated or corrupted"
-            ) from err
+    def _read(self, shards: Sequence[ShardInfo], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tensors ``names`` of ``shards``, concatenated in that order (memory-mapped reads)."""
+        parts = []
+        for sh in shards:
+            with _open_shard(self.cache_dir / sh.file) as f:
+                parts.append({k: f.get_tensor(k) for k in names})
+        return self._cat(parts, names)
 
     def _to_batches(self, t: dict[str, torch.Tensor], device) -> dict[Site, SiteBatch]:
         return {
@@ -662,19 +249,17 @@ class CachedActivations:
         """Each shard in cache order (rows ascending), with the (token, row, pos) of every vector."""
         names = self._names() + list(_INDEX_KEYS)
         for sh in self.manifest.shards:
-            t = self._read(sh, names)
+            t = self._read([sh], names)
             yield CachedShard(self._to_batches(t, "cpu"), TokenIndex(*(t[k] for k in _INDEX_KEYS)), sh)
 
     def load_all(self) -> dict[Site, SiteBatch]:
         """Every vector in memory, in row-major (row, pos) order -- that of ``harvest_all`` on the same rows."""
         names = self._names()
-        parts = [self._read(sh, names) for sh in self.manifest.shards]
-        return self._to_batches(self._cat(parts, names), "cpu")
+        return self._to_batches(self._read(self.manifest.shards, names), "cpu")
 
     def load_index(self) -> TokenIndex:
         """(token id, row, pos) of every vector, in the order of :meth:`load_all`."""
-        parts = [self._read(sh, _INDEX_KEYS) for sh in self.manifest.shards]
-        t = self._cat(parts, _INDEX_KEYS)
+        t = self._read(self.manifest.shards, _INDEX_KEYS)
         return TokenIndex(*(t[k] for k in _INDEX_KEYS))
 
     def _cat(self, parts: list[dict[str, torch.Tensor]], names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -755,9 +340,7 @@ class CachedActivations:
         while epochs is None or epoch < epochs:
             order = torch.randperm(len(shards), generator=gen).tolist()
             for w in range(0, len(order), window_shards):
-                window = self._cat(
-                    [self._read(shards[i], names) for i in order[w : w + window_shards]], names
-                )
+                window = self._read([shards[i] for i in order[w : w + window_shards]], names)
                 perm = torch.randperm(window[names[0]].shape[0], generator=gen)
                 stream = {k: v[perm] for k, v in window.items()}
                 del window

@@ -11,8 +11,11 @@ the network allows it), or token arrays already made (``.npy`` / ``.pt`` / ``.sa
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -24,38 +27,86 @@ from .tokens import TokenPolicy, causal_policy
 
 TEXT_SUFFIXES = (".txt", ".md")
 TOKEN_SUFFIXES = (".npy", ".pt", ".safetensors")
+#: A text file with a larger share of bytes that do not decode is refused as not text (in that encoding).
+MAX_UNDECODABLE_SHARE = 0.01
+_WIDE = ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")  # codecs whose text has NULs
 
 
 class EmptyDatasetError(ValueError):
     """The data source held no text (or too few tokens for one row)."""
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if text_field not in rec:
-                raise ValueError(f"{path}:{lineno}: no {text_field!r} field; pass text_field= the field holding text")
-            yield str(rec[text_field])
+class NotTextError(ValueError):
+    """A file read as text is not text in the given encoding (binary, or another encoding)."""
+
+
+_undecodable = threading.local()
+
+
+def _count_undecodable(err: UnicodeDecodeError) -> tuple[str, int]:
+    _undecodable.n += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("sae_lens_attn.count", _count_undecodable)
+
+
+def read_text_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """A text file's contents; :class:`NotTextError` naming the file when it holds NUL bytes (a binary
+    file) or more than ``MAX_UNDECODABLE_SHARE`` of bytes that do not decode in ``encoding``. A few such
+    bytes are replaced by U+FFFD, with a warning naming the file and the count."""
+    path = Path(path)
+    data = path.read_bytes()
+    wide = codecs.lookup(encoding).name in _WIDE
+    if not wide and b"\x00" in data:
+        raise NotTextError(
+            f"{path} is not a text file: it holds {data.count(0):,} NUL byte(s), the first at byte {data.index(0):,}, "
+            "as binary files do. Pass a text or jsonl file (or token ids as .npy/.pt/.safetensors); if it is "
+            "UTF-16/32 text, pass its --encoding"
+        )
+    _undecodable.n = 0
+    text = data.decode(encoding, errors="sae_lens_attn.count")
+    bad = _undecodable.n
+    if bad and bad > MAX_UNDECODABLE_SHARE * len(data):
+        raise NotTextError(
+            f"{path} is not {encoding} text: {bad:,} of its {len(data):,} bytes ({bad / len(data):.1%}) do not "
+            f"decode. If it is text in another encoding, pass it with --encoding (e.g. latin-1, cp1252); if it "
+            "is not text, pass a text or jsonl file instead"
+        )
+    if bad:
+        warnings.warn(f"{path}: {bad:,} byte(s) do not decode as {encoding} and were replaced by U+FFFD; pass "
+                      "--encoding if the file is in another encoding", stacklevel=2)
+    return text
+
+
+def _iter_jsonl(path: Path, text_field: str, encoding: str = "utf-8") -> Iterator[str]:
+    for lineno, line in enumerate(read_text_file(path, encoding).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        if text_field not in rec:
+            raise ValueError(f"{path}:{lineno}: no {text_field!r} field; pass text_field= the field holding text")
+        yield str(rec[text_field])
 
 
 def _is_hf_dataset_dir(p: Path) -> bool:
     return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists()
 
 
-def iter_texts(source: str | os.PathLike, text_field: str = "text", split: str = "train") -> Iterator[str]:
-    """Yield documents from a file, a folder, a saved HF dataset, or a hub dataset id."""
+def iter_texts(
+    source: str | os.PathLike, text_field: str = "text", split: str = "train", encoding: str = "utf-8"
+) -> Iterator[str]:
+    """Yield documents from a file, a folder, a saved HF dataset, or a hub dataset id. Local text and jsonl
+    files are read in ``encoding`` and must be text (:func:`read_text_file`)."""
     p = Path(source).expanduser()
     if p.is_file():
         if p.suffix == ".jsonl":
-            yield from _iter_jsonl(p, text_field)
+            yield from _iter_jsonl(p, text_field, encoding)
         else:
-            yield p.read_text(encoding="utf-8", errors="replace")
+            yield read_text_file(p, encoding)
         return
     if p.is_dir():
         if _is_hf_dataset_dir(p):
@@ -65,7 +116,7 @@ def iter_texts(source: str | os.PathLike, text_field: str = "text", split: str =
         if not files:
             raise EmptyDatasetError(f"dataset folder {p} holds no .txt, .md or .jsonl files")
         for f in files:
-            yield from iter_texts(f, text_field)
+            yield from iter_texts(f, text_field, encoding=encoding)
         return
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and not _looks_like_hub_id(str(source)):
         raise FileNotFoundError(f"dataset {source!r} does not exist")
@@ -107,7 +158,15 @@ def load_token_array(path: str | os.PathLike) -> torch.Tensor:
     if p.suffix == ".npy":
         arr = torch.from_numpy(np.load(p))
     elif p.suffix == ".pt":
-        arr = torch.load(p, weights_only=True)
+        try:
+            arr = torch.load(p, weights_only=True)
+        except Exception as err:  # zipfile/pickle errors
+            from .weights_only import weights_only_refusal
+
+            raise ValueError(weights_only_refusal(p, err) or f"{p}: unreadable token array ({type(err).__name__}); "
+                             "the file is truncated or corrupted") from err
+        if not isinstance(arr, torch.Tensor):
+            raise ValueError(f"{p}: expected a tensor of token ids, got {type(arr).__name__}")
     else:
         from safetensors.torch import load_file
 
@@ -168,8 +227,10 @@ def token_rows(
     max_rows: int | None = None,
     text_field: str = "text",
     split: str = "train",
+    encoding: str = "utf-8",
 ) -> Int[torch.Tensor, "rows n_ctx"]:
-    """All rows of a source, as one tensor (or the first ``max_rows``). Raises on an empty source.
+    """All rows of a source, as one tensor (or the first ``max_rows``). Raises on an empty source, and on a
+    local file that is not text in ``encoding``.
 
     ``bos_id``: the model's :class:`TokenPolicy` (``token_policy(model)``), or a BOS id (legacy)."""
     p = Path(source).expanduser()
@@ -182,7 +243,7 @@ def token_rows(
             out = arr
     else:
         rows = []
-        for row in iter_token_rows(iter_texts(source, text_field, split), tokenizer, n_ctx, bos_id):
+        for row in iter_token_rows(iter_texts(source, text_field, split, encoding), tokenizer, n_ctx, bos_id):
             rows.append(row)
             if max_rows is not None and len(rows) >= max_rows:
                 break

@@ -90,10 +90,11 @@ class _Recon:
 
 @torch.no_grad()
 def evaluate_sae(
-    model, sae: SAE, site: Site, rows: torch.Tensor, batch_rows: int = 16
+    model, sae: SAE, site: Site, rows: torch.Tensor, batch_rows: int = 16, *, allow_transfer: bool | None = None
 ) -> tuple[SAEMetrics, torch.Tensor]:
-    """Metrics of ``sae`` at ``site`` on token ``rows``; also returns each latent's firing frequency."""
-    sae.check_site(site, model.cfg)
+    """Metrics of ``sae`` at ``site`` on token ``rows``; also returns each latent's firing frequency.
+    ``allow_transfer``: evaluate on another site or model than the SAE's metadata records (see SAE.check_site)."""
+    sae.check_site(site, model, allow_transfer=allow_transfer)
     spec = model_spec(model)
     rec = _Recon(sae.cfg.d_sae)
     for chunk in rows.split(batch_rows):

@@ -12,7 +12,6 @@ which SAELens treats a config as pre-v6 and drops the metadata (hook name, model
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .files import ensure_dir, write_json
 from .sae import SAE, StandardSAE
 from .saes.config import SAELENS_FORMAT_VERSION, version_tuple  # noqa: F401  (re-exported)
 from .saes.files import (  # noqa: F401  (re-exported)
@@ -204,8 +204,7 @@ def export_neuronpedia(
     uploader (as SAELens' neuronpedia runner wrote it). ``kwargs`` go to :func:`neuronpedia_features`."""
     if features_per_batch <= 0:
         raise ValueError(f"features_per_batch must be positive, got {features_per_batch}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     ids = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
     layer = sae.cfg.metadata.get("hook_layer")
     if layer is None and kwargs.get("site") is not None:
@@ -223,9 +222,9 @@ def export_neuronpedia(
         doc = {"model_id": model_id, "layer": str(layer), "sae_id": sae_id, "features": live,
                "n_prompts_to_select": int(rows.shape[0])}
         f = out / f"batch-{b}.json"
-        f.write_text(json.dumps(doc, allow_nan=False))
+        write_json(f, doc, allow_nan=False)
         written.append(f)
     skipped_doc = {"model_id": model_id, "layer": str(layer), "sae_id": sae_id,
                    "log_sparsity": dead_log_sparsity, "skipped_indexes": skipped}
-    (out / "skipped_indexes.json").write_text(json.dumps(skipped_doc))
+    write_json(out / "skipped_indexes.json", skipped_doc)
     return written

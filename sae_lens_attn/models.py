@@ -64,9 +64,11 @@ def load_model(
     lacked them are reported in a warning (and loss-based metrics on such a model are refused). The
     ``transformers`` logger's level is left as it was (TransformerLens sets it to ERROR on import).
     """
+    from .devices import check_device
+
     local = _local_dir(name_or_path)
     target = str(local) if local is not None else str(name_or_path)
-    device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(check_device(device))  # before anything loads: a missing GPU is one clear error
     tf_logger = logging.getLogger("transformers")
     level = tf_logger.level
     try:

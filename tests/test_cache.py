@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-import sae_lens_attn.cache as cache_mod
+import sae_lens_attn.cache_write as cache_write
 from sae_lens_attn.activations import harvest_all
 from sae_lens_attn.cache import (
     CachedActivations,
@@ -20,6 +20,7 @@ from sae_lens_attn.cache import (
 )
 from sae_lens_attn.models import bos_token_id, model_name
 from sae_lens_attn.sites import Site
+from tests.faults import WriteFault
 
 SITES = [Site(0), Site(1, "attn_out"), Site(1, head=2)]
 N_ROWS, CTX = 24, 16
@@ -151,19 +152,10 @@ def test_extend_equals_one_write(tiny_neox, rows, full_cache, tmp_path):
 
 
 def test_resume_after_crash_equals_uninterrupted(tiny_neox, rows, full_cache, tmp_path, monkeypatch):
-    real_save = cache_mod.save_file
-    calls = []
-
-    def crash_on_third(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill mid-shard")
-        real_save(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(cache_mod, "save_file", crash_on_third)
+    WriteFault(monkeypatch, ".shard_", at_byte=100, nth=3, exc=lambda: KeyboardInterrupt("simulated kill mid-shard"))
     with pytest.raises(KeyboardInterrupt):
         _write(tiny_neox, rows, tmp_path, with_grad=True)
-    monkeypatch.setattr(cache_mod, "save_file", real_save)
+    monkeypatch.undo()
     man = read_manifest(tmp_path)
     assert len(man.shards) == 2 and man.rows_done == man.shards[1].row_end
     assert not list(tmp_path.glob(".*.tmp"))  # an exception still cleans its own temp file
@@ -249,7 +241,7 @@ def test_extending_with_other_settings_names_the_field(tiny_neox, rows, tmp_path
 
 
 def test_one_writer_at_a_time(tiny_neox, rows, tmp_path):
-    with cache_mod._write_lock(tmp_path):
+    with cache_write._write_lock(tmp_path):
         with pytest.raises(CacheError, match="another write_cache is writing"):
             _write(tiny_neox, rows, tmp_path)
 
@@ -305,45 +297,32 @@ def test_shuffled_batches_cover_each_vector_once_per_epoch(full_cache):
 
 
 def test_full_disk_removes_temp_and_keeps_manifest(tiny_neox, rows, full_cache, tmp_path, monkeypatch):
-    real_save = cache_mod.save_file
     seen = {}
-
-    def full_disk(tensors, filename, metadata=None):
-        if "shard_00001" in str(filename):
-            seen["manifest"] = (tmp_path / "manifest.json").read_bytes()
-            with open(filename, "wb") as fh:
-                fh.write(b"\0" * 4096)  # a partial write before the disk filled up
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(cache_mod, "save_file", full_disk)
+    # the disk fills up 4096 bytes into shard 1 (those bytes reach the temp file first)
+    fault = WriteFault(monkeypatch, ".shard_00001", at_byte=4096,
+                       before_fail=lambda: seen.update(manifest=(tmp_path / "manifest.json").read_bytes()))
     with pytest.raises(CacheWriteError) as e:
         _write(tiny_neox, rows, tmp_path, with_grad=True)
+    assert fault.failed
     msg = str(e.value)
-    assert str(tmp_path) in msg and "ENOSPC" in msg and "Nothing already saved was damaged" in msg
-    assert isinstance(e.value, OSError) and isinstance(e.value, CacheError)
+    assert str(tmp_path) in msg and "ENOSPC" in msg and "nothing already saved was damaged" in msg
+    assert "shard_00001.safetensors" in msg and "4.0 kB written" in msg and "free there" in msg
+    assert isinstance(e.value, OSError) and isinstance(e.value, CacheError) and e.value.errno == errno.ENOSPC
     assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == errno.ENOSPC
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "shard_00001.safetensors").exists()
     assert (tmp_path / "manifest.json").read_bytes() == seen["manifest"]
     assert CachedActivations(tmp_path).n_shards == 1
 
-    monkeypatch.setattr(cache_mod, "save_file", real_save)  # space freed: the same call continues
+    monkeypatch.undo()  # space freed: the same call continues
     _write(tiny_neox, rows, tmp_path, with_grad=True)
     _assert_same(CachedActivations(tmp_path), CachedActivations(full_cache))
 
 
 def test_full_disk_on_manifest_update_drops_the_unlisted_shard(tiny_neox, rows, tmp_path, monkeypatch):
-    real = cache_mod.atomic_write
     manifests = []
-
-    def full_on_second_manifest(final, write):
-        if final.name == "manifest.json":
-            manifests.append(final.read_bytes() if final.exists() else None)
-            if len(manifests) == 3:  # new-cache manifest, shard 0 committed, then the disk fills up
-                raise OSError(errno.ENOSPC, "No space left on device")
-        real(final, write)
-
-    monkeypatch.setattr(cache_mod, "atomic_write", full_on_second_manifest)
+    # the third manifest write fails (new-cache manifest, shard 0 committed, then the disk fills up)
+    WriteFault(monkeypatch, ".manifest.json", at_byte=10, nth=3,
+               before_fail=lambda: manifests.append((tmp_path / "manifest.json").read_bytes()))
     with pytest.raises(CacheWriteError, match="manifest.json still lists the 1 complete shard"):
         _write(tiny_neox, rows[:8], tmp_path)
     assert (tmp_path / "manifest.json").read_bytes() == manifests[-1]

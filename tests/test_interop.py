@@ -223,7 +223,8 @@ def test_relu_sae_from_saelens_runs_through_evals(default_model, sample_rows, tm
          "b_enc": torch.randn(128, generator=g) * 0.1 - 0.2, "b_dec": torch.zeros(d_in)}
     cfg = {**SAELENS_CFGS["standard"], "d_in": d_in, "d_sae": 128}
     sae = load_sae(write_saelens(tmp_path / "relu", cfg, t))
-    metrics, density = evaluate_sae(default_model, sae, Site(1), sample_rows)
+    # the cfg says gpt2-small: a deliberate transfer to the embedded model
+    metrics, density = evaluate_sae(default_model, sae, Site(1), sample_rows, allow_transfer=True)
     from sae_lens_attn.activations import harvest
 
     h = harvest(default_model, sample_rows, [Site(1)])

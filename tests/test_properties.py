@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from sae_lens_attn import __version__
 from sae_lens_attn.activations import NonFiniteActivationError, SiteBatch
+from sae_lens_attn.files import WriteError
 from sae_lens_attn.interop import load_sae
 from sae_lens_attn.sae import SAE, SAEConfig, SAEFileError
 from sae_lens_attn.sites import Site
@@ -32,6 +34,7 @@ from sae_lens_attn.training.trainer import (
     load_trainer_state,
     verify_checkpoint,
 )
+from tests.faults import WriteFault
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -48,7 +51,7 @@ _layers = st.one_of(st.just("all"), st.lists(st.integers(0, 40), min_size=1, max
 
 VALID = {
     "model": st.one_of(st.none(), _name), "dataset": st.one_of(st.none(), _name), "text_field": _name,
-    "layers": _layers, "site": st.sampled_from(["z", "attn_out"]), "head": st.none(),
+    "encoding": st.sampled_from(["utf-8", "latin-1", "cp1252", "UTF-16"]), "layers": _layers, "site": st.sampled_from(["z", "attn_out"]), "head": st.none(),
     "sae": st.sampled_from(["topk", "gsae"]), "k": st.integers(1, 64), "d_sae": st.none(),
     "expansion_factor": st.integers(1, 64), "gsae_beta": _finite_nonneg, "tokens": _pos, "batch_size": _pos,
     "lr": st.floats(1e-6, 1.0), "warmup_steps": _nonneg, "decay_fraction": st.floats(0, 1),
@@ -58,7 +61,7 @@ VALID = {
     "device": st.sampled_from([None, "cpu", "cuda", "cuda:1", "mps"]),
     "dtype": st.sampled_from(["float32", "bfloat16", "float16"]), "seed": st.integers(0, 2**31 - 1),
     "out_dir": _name, "checkpoint_every": _nonneg, "log_every": _pos, "progress": st.booleans(),
-    "resume": st.booleans(), "deterministic": st.booleans(), "distributed": st.sampled_from(["auto", "off", "dp", "sites"]),
+    "resume": st.booleans(), "overwrite": st.booleans(), "deterministic": st.booleans(), "distributed": st.sampled_from(["auto", "off", "dp", "sites"]),
     "wandb_project": st.one_of(st.none(), _name),
 }
 assert set(VALID) == {f.name for f in fields(TrainConfig)}, "every TrainConfig field needs a strategy here"
@@ -73,6 +76,7 @@ _bad_choice = st.one_of(st.text(max_size=8), st.integers(), st.none())
 
 INVALID = {
     "model": _bad_str, "dataset": _bad_str, "text_field": st.one_of(_bad_str, st.none()),
+    "encoding": st.one_of(st.sampled_from(["utf-9", "klingon", ""]), st.integers(), st.none()),
     "layers": st.one_of(st.sampled_from(["", "1,", "x", "1;2", "-1", "1.5", "all,1"]), st.integers(), st.none()),
     "site": _bad_choice, "head": st.one_of(st.integers(max_value=-1), st.text(max_size=2), st.floats()),
     "sae": _bad_choice, "k": _bad_int, "d_sae": _bad_int, "expansion_factor": _bad_int,
@@ -89,6 +93,7 @@ INVALID = {
     "out_dir": st.one_of(_bad_str, st.none()), "checkpoint_every": _bad_nonneg,
     "log_every": _bad_int, "progress": st.one_of(st.integers(), st.text(max_size=4), st.none()),
     "resume": st.one_of(st.integers(), st.text(max_size=4), st.none()),
+    "overwrite": st.one_of(st.integers(), st.text(max_size=4), st.none()),
     "deterministic": st.one_of(st.integers(), st.text(max_size=4), st.none()),
     "distributed": _bad_choice, "wandb_project": _bad_str,
 }
@@ -101,6 +106,7 @@ def valid_values(draw) -> dict:
     if values["site"] == "z":
         values["head"] = draw(st.one_of(st.none(), st.integers(0, 15)))
     values["d_sae"] = draw(st.one_of(st.none(), st.integers(values["k"], 4096)))
+    values["overwrite"] = values["overwrite"] and not values["resume"]
     return values
 
 
@@ -124,6 +130,8 @@ def test_cross_field_rules_are_named():
         TrainConfig(k=9, d_sae=8)
     with pytest.raises(ValueError, match=r"TrainConfig\.head needs site 'z'"):
         TrainConfig(site="attn_out", head=0)
+    with pytest.raises(ValueError, match=r"TrainConfig\.resume and TrainConfig\.overwrite exclude each other"):
+        TrainConfig(resume=True, overwrite=True)
 
 
 # ------------------------------------------------------------------------------------- CLI arguments
@@ -326,8 +334,12 @@ def test_checkpoint_from_a_newer_format_is_refused(tmp_path):
         _trainer(tmp_path).restore(ckpt)
 
 
-@pytest.mark.parametrize("target", ["torch.save", "safetensors"])
-def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, target):
+@pytest.mark.parametrize("target,at_byte", [("trainer_state.pt", 3000), ("sae_weights.safetensors", 200),
+                                            ("manifest.json", 0)])
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, target, at_byte):
+    """ENOSPC at a chosen byte of each file of a checkpoint (torch.save turns it into a RuntimeError, which
+    must still be reported as the disk's error): one WriteError naming the file, the bytes it needed and the
+    free space; the previous checkpoint stays intact and loads."""
     tr = _trainer(tmp_path, steps=20, every=5)
     stream = _stream()
     tr.cfg.steps = 10
@@ -335,21 +347,19 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     before = latest_checkpoint(tmp_path)
     assert before.name == "step_00000010"
     snap = _snapshot(before)
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    if target == "torch.save":
-        monkeypatch.setattr(torch, "save", full)
-    else:
-        import safetensors.torch
-
-        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    fault = WriteFault(monkeypatch, f".{target}.", at_byte=at_byte)
     tr.cfg.steps = 20
-    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*step_00000015: No space left on "
-                                                   r"device; the last complete checkpoint .*step_00000010 is intact; "
-                                                   r"free some space"):
+    with pytest.raises(CheckpointWriteError) as e:
         tr.fit(stream)
+    assert fault.failed
+    msg = str(e.value)
+    assert isinstance(e.value, WriteError) and isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+    assert re.search(rf"could not write checkpoint .*step_00000015: No space left on device \(ENOSPC; at "
+                     rf".*step_00000015/(L0\.z/)?{re.escape(target)}, it needed [0-9.]+ (kB|bytes)", msg), msg
+    assert re.search(r"free there\); the last complete checkpoint .*step_00000010 is intact; free space", msg), msg
+    assert msg.endswith("then rerun with --resume true to continue") and "\n" not in msg
+    if target == "trainer_state.pt":  # torch.save's own error names no errno: the one the write got is reported
+        assert isinstance(e.value.__cause__, WriteError) and "unexpected pos" in repr(e.value.__cause__.__cause__)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == before and _snapshot(before) == snap
     assert not list((tmp_path / "checkpoints").glob(".tmp_*")) and not (tmp_path / "checkpoints" / "step_00000015").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -98,13 +99,78 @@ def _cli(out_dir: Path, data: Path) -> list[str]:
             "--resume", "true", "--out-dir", str(out_dir)]
 
 
-def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(tmp_path):
-    data = tmp_path / "small.txt"
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("data") / "small.txt"
     # ~7k tokens: the 32 steps of 1024 run several epochs, so the resumed data position crosses epochs
     data.write_text(SAMPLE_TEXT.read_text()[:20_000])
-    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    ref = subprocess.Popen(_cli(ref_dir, data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                           env=ENV)
+    return data
+
+
+class _Reference:
+    """The uninterrupted run, started once per module in the background; :meth:`dir` waits for it."""
+
+    def __init__(self, out_dir: Path, data: Path):
+        self.out_dir = out_dir
+        self.proc = subprocess.Popen(_cli(out_dir, data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=REPO, env=ENV)
+
+    def dir(self) -> Path:
+        _, err = self.proc.communicate(timeout=300)
+        assert self.proc.returncode == 0, err[-3000:]
+        return self.out_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_data):
+    ref = _Reference(tmp_path_factory.mktemp("ref") / "run", small_data)
+    yield ref
+    if ref.proc.poll() is None:
+        ref.proc.kill()
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, small_data, reference):
+    """SIGTERM (a cluster's preemption notice) mid-run: the step finishes, a checkpoint is written, the exact
+    resume command is printed, exit 143; running that command ends bit for bit where the uninterrupted run
+    ends (--deterministic true)."""
+    cut_dir = tmp_path / "cut"
+    argv = ["train", "--dataset", str(small_data), "--tokens", "32768", "--batch-size", "1024", "--context-size",
+            "64", "--eval-rows", "4", "--k", "8", "--expansion-factor", "2", "--checkpoint-every", "1000",
+            "--log-every", "1", "--dead-tokens", "4096", "--progress", "false", "--deterministic", "true",
+            "--out-dir", str(cut_dir)]
+    cut = subprocess.Popen([sys.executable, "-m", "sae_lens_attn.training.cli", *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV)
+    log = cut_dir / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while cut.poll() is None and time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            cut.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    out, err = cut.communicate(timeout=300)
+    assert cut.returncode == 143, err[-3000:]
+    stopped_at = latest_checkpoint(cut_dir)
+    step = int(stopped_at.name[5:])
+    assert 3 <= step < 32 and [p.name for p in (cut_dir / "checkpoints").iterdir()] == [stopped_at.name]
+    lines = err.strip().splitlines()
+    assert lines[-2].startswith(f"sae-lens-attn: interrupted by SIGTERM: finished step {step} and wrote checkpoint "
+                                f"{stopped_at}; resume with:")
+    assert lines[-1] == shlex.join([sys.executable, "-m", "sae_lens_attn.training.cli", *argv, "--resume", "true"])
+    resumed = subprocess.run(shlex.split(lines[-1]), capture_output=True, text=True, cwd=REPO, timeout=300, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {stopped_at} at step {step}/32" in resumed.stdout
+    ref_dir = reference.dir()
+    a, b = SAE.load(ref_dir / "L1.z"), SAE.load(cut_dir / "L1.z")
+    for name, p in a.named_parameters():
+        assert torch.equal(p, dict(b.named_parameters())[name]), f"{name} differs after SIGTERM + resume"
+    assert torch.equal(SAE.load_sparsity(ref_dir / "L1.z"), SAE.load_sparsity(cut_dir / "L1.z"))
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, 33))  # every step logged once
+
+
+def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(tmp_path, small_data, reference):
+    data = small_data
+    cut_dir = tmp_path / "cut"
     cut = subprocess.Popen(_cli(cut_dir, data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, env=ENV)
     ckpts = cut_dir / "checkpoints"
     deadline = time.monotonic() + 300
@@ -121,12 +187,10 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     resumed = subprocess.run(_cli(cut_dir, data), capture_output=True, text=True, cwd=REPO, timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed_at} at step {int(killed_at.name[5:])}/32" in resumed.stdout
-    ref_out, ref_err = ref.communicate(timeout=300)
-    assert ref.returncode == 0, ref_err[-3000:]
+    ref_dir = reference.dir()
     a, b = SAE.load(ref_dir / "L1.z"), SAE.load(cut_dir / "L1.z")
     for name, p in a.named_parameters():
-        diff = (p - dict(b.named_parameters())[name]).abs().max().item()
-        assert diff <= 1e-6, f"{name} differs by {diff:.2e} after kill + resume"
+        assert torch.equal(p, dict(b.named_parameters())[name]), f"{name} differs after kill + resume"
     assert torch.equal(SAE.load_sparsity(ref_dir / "L1.z"), SAE.load_sparsity(cut_dir / "L1.z"))
     # the log reads as one run: every step once, records after the checkpoint written again
     steps = [json.loads(line)["step"] for line in (cut_dir / "log.jsonl").read_text().splitlines()]

@@ -93,12 +93,16 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
     return config_from_args(parser, parser.parse_args(["train", *argv]))
 
 
-def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     cfg = config_from_args(parser, args)
-    from .distributed import init_distributed
+    from sae_lens_attn.devices import check_device
+
+    from .distributed import init_distributed, rank_device
+    from .preempt import TrainingInterrupted, resume_command
     from .run import train
 
     try:
+        check_device(rank_device(cfg.device))  # before torchrun's process group picks a backend for it
         dist = init_distributed(cfg.distributed, cfg.device)
     except ValueError as err:
         parser.error(_flag_names(str(err)))
@@ -106,8 +110,17 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         result = train(cfg, log=print if dist.is_main else (lambda *a, **k: None), dist=dist)
     except (ValueError, FileNotFoundError, OSError, FloatingPointError) as err:
-        print(f"{prefix}: {_flag_names(str(err))}", file=sys.stderr)
+        print(f"{prefix}: {_flag_names(' '.join(str(err).split()))}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        if dist.is_main:
+            how = ("rerun the same torchrun command with these arguments" if dist.world_size > 1 else "resume with")
+            print(f"sae-lens-attn: {stop}; {how}:\n{resume_command(argv)}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # outside the training loop (loading, harvesting, evaluating): nothing to keep
+        print("sae-lens-attn: interrupted outside the training steps (loading, harvesting or evaluating); to "
+              f"continue from the last checkpoint, if any:\n{resume_command(argv)}", file=sys.stderr)
+        return 130
     finally:
         dist.close()
     if dist.is_main:
@@ -119,9 +132,10 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "train":
-        return _train(parser, args)
+        return _train(parser, args, argv)
     if args.command in ("analyze", "dashboard"):
         from sae_lens_attn.analysis.cli import run
 

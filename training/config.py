@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import codecs
 import inspect
 import math
 import re
@@ -28,6 +29,9 @@ class TrainConfig:
     shipped with the default model."""
     text_field: str = "text"
     """Field holding the text in jsonl files and HF datasets."""
+    encoding: str = "utf-8"
+    """Encoding of text and jsonl files (e.g. 'latin-1', 'cp1252'); a file with NUL bytes, or with more than
+    one byte in a hundred that does not decode, is refused as not being text in this encoding."""
     layers: str = "1"
     """Layers to train on: '1', '0,1' or 'all' (one SAE per layer, all from one model pass)."""
     site: SiteChoice = "z"
@@ -90,7 +94,11 @@ class TrainConfig:
     resume: bool = False
     """Continue from the latest complete checkpoint in out_dir (weights, optimizer, schedule, RNG state, data
     position, dead-latent counters); starts afresh when there is none. The other settings must match the
-    checkpointed run's (train_config.json)."""
+    checkpointed run's (train_config.json), and the checkpoints must carry its run id."""
+    overwrite: bool = False
+    """Delete the files of an earlier run in out_dir (its SAEs, checkpoints, logs, train_config.json) and
+    start afresh; other files there are left alone. Without it (or resume), a fresh run refuses an out_dir
+    that holds a run."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (and cuBLAS' fixed workspace on CUDA): bit-identical reruns
     on the same hardware and software, at some speed cost on CUDA."""
@@ -139,6 +147,14 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.layers must be 'all' or comma-separated layer numbers such as '0,1', got {self.layers!r}"
             )
+        if self.resume and self.overwrite:
+            raise ValueError("TrainConfig.resume and TrainConfig.overwrite exclude each other: resume continues the "
+                             "run in out_dir, overwrite deletes it; pass one of them")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"TrainConfig.encoding {self.encoding!r} is not a known text encoding; use e.g. "
+                             "'utf-8', 'latin-1' or 'cp1252'") from None
         for name in ("model", "dataset", "activation_cache", "wandb_project", "text_field", "out_dir"):
             value = getattr(self, name)
             if value is not None and not value.strip():

@@ -24,11 +24,10 @@ Only rank 0 writes files, logs and the progress bar.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,23 +36,20 @@ from tqdm.auto import tqdm
 from sae_lens_attn.activations import SiteBatch, activation_batches, check_sites, harvest_all
 from sae_lens_attn.cache import CachedActivations, write_cache
 from sae_lens_attn.data import token_rows
+from sae_lens_attn.devices import check_device
 from sae_lens_attn.evals import SAEMetrics, evaluate_sae, format_metrics_table
-from sae_lens_attn.files import atomic_write
+from sae_lens_attn.files import write_json, write_text
 from sae_lens_attn.models import SAMPLE_TEXT, load_model, model_name, token_policy
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site, parse_sites
 
 from .config import TrainConfig
 from .distributed import Dist, rank_device, shard_sites
-from .trainer import OptimConfig, Trainer, latest_checkpoint, remove_partial_checkpoints
+from .rundir import RESUME_MAY_CHANGE, RunStart, prepare_run_dir, truncate_log, write_config  # noqa: F401
+from .trainer import OptimConfig, Trainer, remove_partial_checkpoints
 
 #: Harvest everything once and reuse it across epochs when the activations fit in this many bytes.
 IN_MEMORY_BYTES = 2 * 1024**3
-#: Settings that may change between a run and its ``--resume`` (they do not change what is computed).
-RESUME_MAY_CHANGE = frozenset(
-    {"resume", "progress", "out_dir", "checkpoint_every", "log_every", "device", "distributed", "wandb_project",
-     "deterministic"}
-)
 
 
 @dataclass
@@ -215,45 +211,6 @@ def make_batches(
 # ---------------------------------------------------------------------------------------------- resume
 
 
-def _check_resume_config(cfg: TrainConfig, out_dir: Path) -> None:
-    """The settings that decide what is computed must be those of the run being resumed."""
-    saved_file = out_dir / "train_config.json"
-    if not saved_file.exists():
-        return
-    try:
-        saved = json.loads(saved_file.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{saved_file}: unreadable ({err}); cannot check that --resume continues the same run") from err
-    current = asdict(cfg)
-    names = {f.name for f in fields(TrainConfig)}
-    diffs = [
-        f"--{k.replace('_', '-')}: checkpointed run {saved[k]!r}, now {current[k]!r}"
-        for k in sorted(names - RESUME_MAY_CHANGE)
-        if k in saved and saved[k] != current[k]
-    ]
-    if diffs:
-        raise ValueError(
-            f"--resume: {out_dir} holds a run with other settings ({'; '.join(diffs)}). Resume with the original "
-            "settings, or train into a new --out-dir"
-        )
-
-
-def _truncate_log(out_dir: Path, step: int) -> None:
-    """Drop log records written after the checkpoint we resume from (they will be written again)."""
-    f = out_dir / "log.jsonl"
-    if not f.exists():
-        return
-    kept = []
-    for line in f.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except ValueError:  # a line cut by the kill: drop it
-            continue
-    text = "".join(line + "\n" for line in kept)
-    atomic_write(f, lambda tmp: Path(tmp).write_text(text))
-
-
 def set_deterministic() -> None:
     """Deterministic kernels (``torch.use_deterministic_algorithms``). On CPU every op this package uses
     has a deterministic kernel (CSR matmul, index_add_, embedding_bag included); on CUDA cuBLAS also needs
@@ -276,7 +233,7 @@ class WandbLogger:
             ) from None
         id_file = out_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if cfg.resume and id_file.exists() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
+        write_text(id_file, run_id)
         self.run = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=str(out_dir), id=run_id,
                               resume="allow", name=out_dir.name)
 
@@ -297,6 +254,20 @@ class WandbLogger:
 # ------------------------------------------------------------------------------------------------- run
 
 
+def _start_run(cfg: TrainConfig, dist: Dist, log) -> RunStart:
+    """Rank 0 checks and prepares out_dir (``rundir.py``); every rank gets its decision, or its error."""
+    start, error = None, None
+    if dist.is_main:
+        try:
+            start = prepare_run_dir(cfg, log)
+        except Exception as err:  # raised on every rank below, so none waits for the others
+            error = err
+    start, error = dist.broadcast_object((start, error)) if dist.world_size > 1 else (start, error)
+    if error is not None:
+        raise error
+    return start
+
+
 def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
     """Train one SAE per requested site, evaluate them, and save them under ``cfg.out_dir``.
 
@@ -305,15 +276,13 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
     """
     dist = dist or Dist()
     out_dir = Path(cfg.out_dir)
-    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
-    if ckpt is not None:  # checked before the model loads: a mismatch fails in a second
-        _check_resume_config(cfg, out_dir)
-    elif cfg.resume:
-        log(f"resume: no complete checkpoint in {out_dir}; starting afresh")
+    device = check_device(rank_device(cfg.device, dist))  # checked before the model loads: fails in a second
+    start = _start_run(cfg, dist, log)
+    ckpt = start.checkpoint
     if cfg.deterministic:
         set_deterministic()
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, device=rank_device(cfg.device, dist), dtype=getattr(torch, cfg.dtype))
+    model = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
     all_sites = parse_sites(cfg.layers, cfg.site, cfg.head, n_layers=model.cfg.n_layers)
     check_sites(model, all_sites)
     sites = shard_sites(all_sites, dist)
@@ -324,7 +293,8 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
         )
     context_size = min(cfg.context_size, int(model.cfg.n_ctx))
     source = cfg.dataset or SAMPLE_TEXT
-    rows = token_rows(source, model.tokenizer, context_size, token_policy(model), text_field=cfg.text_field)
+    rows = token_rows(source, model.tokenizer, context_size, token_policy(model), text_field=cfg.text_field,
+                      encoding=cfg.encoding)
     rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))]
     n_eval = min(cfg.eval_rows, rows.shape[0] // 4)
     eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
@@ -333,16 +303,14 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
     saes = build_saes(cfg, model, all_sites, context_size, only=sites)
 
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(asdict(cfg), indent=2)
-        atomic_write(out_dir / "train_config.json", lambda tmp: Path(tmp).write_text(text))
+        write_config(cfg, out_dir, start.run_id)
     ocfg = OptimConfig(
         lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay_fraction=cfg.decay_fraction,
         auxk_alpha=cfg.auxk_alpha, auxk_k=cfg.auxk_k, dead_tokens=cfg.dead_tokens, log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every,
     )
     wandb_logger = WandbLogger(cfg, out_dir) if cfg.wandb_project and dist.is_main else None
-    trainer = Trainer(saes, ocfg, out_dir, dist, loggers=[wandb_logger] if wandb_logger else [])
+    trainer = Trainer(saes, ocfg, out_dir, dist, loggers=[wandb_logger] if wandb_logger else [], run_id=start.run_id)
     layout = f"dp{dist.world_size}" if dist.data_parallel else "full"
     if ckpt is not None:
         extra = trainer.restore(ckpt)
@@ -354,7 +322,7 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
                 "torchrun --nproc-per-node, or train into a new --out-dir"
             )
         if dist.is_main:
-            _truncate_log(out_dir, trainer.step_idx)
+            truncate_log(out_dir, trainer.step_idx)
             remove_partial_checkpoints(out_dir)
         log(f"resumed from {ckpt} at step {trainer.step_idx}/{ocfg.steps}")
     data = make_batches(cfg, model, train_rows, all_sites, sites, dist, start=trainer.batches_consumed, log=log)
@@ -390,8 +358,7 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
             m, _ = evaluate_sae(model, sae, site, eval_rows)
             metrics.append(m)
             log(f"saved {site.label} -> {path}")
-        text = json.dumps([m.as_dict() for m in metrics], indent=2)
-        atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+        write_json(out_dir / "metrics.json", [m.as_dict() for m in metrics], indent=2)
         if wandb_logger is not None:
             wandb_logger.summary(metrics)
             wandb_logger.finish()

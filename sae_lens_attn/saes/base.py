@@ -246,14 +246,36 @@ class SAE(nn.Module):
         g.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1.0)
 
     # --- checking -------------------------------------------------------------------------------------
-    def check_site(self, site, model_cfg) -> None:
-        """Raise if this SAE cannot read ``site`` of a model with ``model_cfg`` (width or layer mismatch)."""
+    def check_site(self, site, model, *, allow_transfer: bool | None = None) -> None:
+        """Raise if this SAE cannot read ``site`` of ``model`` (a loaded model, or its ``cfg``).
+
+        The site must exist and have the SAE's width; and, unless transfer is allowed, it must be the site
+        and model in the SAE's metadata (layer, hook name, head, and model name when ``model`` is a model;
+        fields the metadata lacks are not compared; :mod:`~sae_lens_attn.provenance` has the rule for model
+        names). ``allow_transfer``: accept another site or model of the same width; None (default) means
+        only inside a :func:`~sae_lens_attn.provenance.transfer_allowed` block.
+        """
+        from ..provenance import SiteMismatchError, site_mismatches, transfer_is_allowed
+
+        model_cfg = model.cfg if hasattr(model, "cfg") and hasattr(model, "parameters") else model
         site.validate(model_cfg)
         want = site.d_in(model_cfg)
         if want != self.cfg.d_in:
             raise ValueError(
                 f"d_in mismatch: the SAE expects d_in={self.cfg.d_in}, but site {site.label} "
                 f"({site.hook_name}) of this model has width {want}; load the SAE trained for this site"
+            )
+        if allow_transfer or (allow_transfer is None and transfer_is_allowed()):
+            return
+        from ..models import model_name
+
+        name = model_name(model) if model_cfg is not model else None
+        problems = site_mismatches(self.cfg.metadata, site, name)
+        if problems:
+            raise SiteMismatchError(
+                f"this SAE is applied to {site.label} ({site.hook_name}) but its metadata says it was trained "
+                f"elsewhere: {'; '.join(problems)}. Apply it where it was trained, or pass allow_transfer=True "
+                "(--allow-transfer) for a deliberate transfer experiment"
             )
 
     # --- files ----------------------------------------------------------------------------------------

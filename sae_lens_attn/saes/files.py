@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..files import atomic_write
+from ..files import ensure_dir, save_tensors, write_json
+from ..weights_only import weights_only_refusal
 from .config import SAEFileError, version_tuple
 
 __all__ = ["SAEFileError", "CFG_FILENAME", "WEIGHTS_FILENAME", "SPARSITY_FILENAME"]
@@ -77,8 +78,11 @@ def read_tensors(f: Path) -> dict[str, torch.Tensor]:
                 return {str(k): torch.from_numpy(np.array(data[k])) for k in data.files}
         obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # zipfile / pickle / numpy errors for damaged files
-        raise SAEFileError(f"{f}: unreadable weights file ({type(err).__name__}: {err}); it is truncated or "
-                           "corrupted") from err
+        refusal = weights_only_refusal(f, err)
+        if refusal is not None:  # a valid pickle of more than tensors: refused on purpose, not damaged
+            raise SAEFileError(refusal) from err
+        raise SAEFileError(f"{f}: unreadable weights file ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+                           "it is truncated or corrupted") from err
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -108,14 +112,12 @@ def check_version(path: str | os.PathLike, cfg: Mapping[str, Any] | None = None)
 def write_sae_dir(path: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
                   log_sparsity: torch.Tensor | None = None) -> Path:
     """``sae_weights.safetensors``, ``sparsity.safetensors`` (if given) and ``cfg.json``, each written to a
-    temporary name and renamed, so a crash never leaves a half-written file under the final name."""
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
+    temporary name and renamed, so a crash never leaves a half-written file under the final name. A failure
+    to write raises :class:`~sae_lens_attn.files.WriteError` naming the file, the bytes needed and the free
+    space."""
+    path = ensure_dir(path)
+    save_tensors(path / WEIGHTS_FILENAME, tensors)
     if log_sparsity is not None:
-        sp = {"sparsity": log_sparsity.detach().float().contiguous().cpu()}
-        atomic_write(path / SPARSITY_FILENAME, lambda tmp: save_file(sp, tmp))
-    text = json.dumps(cfg, indent=2)
-    atomic_write(path / CFG_FILENAME, lambda tmp: Path(tmp).write_text(text))
+        save_tensors(path / SPARSITY_FILENAME, {"sparsity": log_sparsity.detach().float().contiguous().cpu()})
+    write_json(path / CFG_FILENAME, cfg, indent=2)
     return path
