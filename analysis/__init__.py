@@ -4,24 +4,21 @@ the logits, which features each head computes, which are induction features, whi
 
 Modules: :mod:`.heads` (weight-based head attribution, head survey), :mod:`.dfa` (direct feature attribution by
 head and source position), :mod:`.rdfa` (recursive DFA), :mod:`.features` (streamed feature statistics, logit
-effects), :mod:`.induction` (induction heads and features, prefix-length study), :mod:`.circuits` (IOI,
-splicing with the error term, ablation, noising, attribution), :mod:`.dashboard` (HTML pages).
+effects), :mod:`.induction` (induction heads and features, prefix-length study), :mod:`.circuits` (splicing with
+the error term, ablation, noising, attribution), :mod:`.copying` and :mod:`.ioi` (tasks), :mod:`.dashboard` (HTML pages).
 """
 
 from .circuits import (
-    IOIDataset,
     ablate_features,
     attribute_features,
-    corrupt_ioi,
+    edit_rows,
     feature_means,
-    logit_diff,
-    make_ioi,
     patch_features,
     run_spliced,
     sae_spliced,
-    single_token_names,
     top_features,
 )
+from .copying import CopyDataset, copy_logit_diff, repeated_name_prompts, spearman
 from .dashboard import DashboardConfig, feature_page, write_dashboards
 from .dfa import DFAResult, SourceDFA, dfa, dfa_by_source, head_fractions
 from .features import (
@@ -45,9 +42,15 @@ from .induction import (
     prefix_length_study,
     repeated_tokens,
 )
+from .ioi import IOIDataset, corrupt_ioi, logit_diff, make_ioi, single_token_names
 from .rdfa import RDFAStep, rdfa, rdfa_upstream_features, rdfa_upstream_heads, residual_components, top_terms
 
 __all__ = [
+    "spearman",
+    "repeated_name_prompts",
+    "edit_rows",
+    "copy_logit_diff",
+    "CopyDataset",
     "DFAResult",
     "DashboardConfig",
     "Example",

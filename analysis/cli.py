@@ -115,6 +115,8 @@ def run_analyze(args) -> int:
         prefix_length_study,
         repeated_tokens,
     )
+    from .induction_heads import explain_writers, format_writers, induction_writers
+    from .survey import format_head_roles, head_roles
 
     model, sae, site, rows, _ = _load(args)
     n_heads = int(model.cfg.n_heads)
@@ -125,11 +127,15 @@ def run_analyze(args) -> int:
           f"{sae.cfg.d_sae} features never fired")
     if site.kind == "z":
         heads = head_report(sae, n_heads, site, top=args.top, density=stats.density, describe=stats.describe)
-        print("\nHead survey (decoder-norm share; Kissane et al. 2024, section 4.1)")
+        print("\nEach head's top features by decoder-norm share (Kissane et al. 2024, section 4.1)")
         print(format_head_report(heads, per_head=args.top))
+        roles = head_roles(model, sae, stats, site, describe=stats.describe)
+        print("\nHead survey: which features belong to each head and their roles (criterion: analysis/survey.py)")
+        print(format_head_roles(roles))
         report["heads"] = [
             {"layer": h.layer, "head": h.head, "n_dominant": h.n_dominant, "mean_share": h.mean_share,
-             "features": [vars(f) for f in h.features]} for h in heads
+             "features": [vars(f) for f in h.features], "verdict": r.verdict, "roles": r.roles}
+            for h, r in zip(heads, roles)
         ]
     toks = repeated_tokens(model, args.n_seq, args.induction_length, args.seed)
     hs = head_induction_scores(model, tokens=toks)
@@ -155,6 +161,12 @@ def run_analyze(args) -> int:
     for f in found:
         print(f"  #{f.feature:<6d} mass {f.mass_second:.2f}  DFA {f.head_fraction:.0%} from L{site.layer}H{f.head}, "
               f"{f.source_fraction:.0%} of it from the token after the earlier occurrence")
+    if found:
+        writers = induction_writers(model, sae, [f.feature for f in found], toks, site)
+        print("\nWhich heads write the induction features (DFA = attention to the induction source x value read-out)")
+        print(format_writers(writers, site.layer))
+        print("  " + explain_writers(writers, site.layer))
+        report["induction_writers"] = [w._asdict() for w in writers]
     if args.out:
         write_json(args.out, report, indent=1)
         print(f"\nreport written to {Path(args.out).resolve()}")

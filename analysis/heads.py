@@ -54,7 +54,9 @@ class HeadReport:
     features: list[HeadFeature] = field(default_factory=list)
     """Top features by share of this head, largest first."""
     n_dominant: int = 0
-    """Features (alive, when density is known) whose largest share is this head and at least ``dominant``."""
+    """Features that belong to this head: alive (when density is known), with their largest share on this head,
+    and that share at least ``dominant`` (0.5: more than all other heads together; the survey's criterion,
+    :mod:`~.survey`)."""
     mean_share: float = 0.0
     """Mean share of this head over all (alive) features; 1/n_heads if heads were used evenly."""
 
@@ -107,7 +109,8 @@ def format_head_report(reports: Sequence[HeadReport], per_head: int = 5) -> str:
     """Plain text: one block per head with its top features, share and description."""
     lines = []
     for r in reports:
-        lines.append(f"L{r.layer}H{r.head}: {r.n_dominant} dominant features, mean share {r.mean_share:.3f}")
+        lines.append(f"L{r.layer}H{r.head}: {r.n_dominant} features belong to it (the largest decoder-norm share, and "
+                     f">= 0.5), mean share {r.mean_share:.3f}")
         for f in r.features[:per_head]:
             dens = "" if math.isnan(f.density) else f"  density {f.density:.2e}"
             desc = f"  {f.description}" if f.description else ""

@@ -11,17 +11,14 @@ from sae_lens_attn.activations import splice
 from sae_lens_attn.analysis.circuits import (
     ablate_features,
     attribute_features,
-    corrupt_ioi,
     feature_means,
-    logit_diff,
-    make_ioi,
     patch_features,
     position_mask,
     run_spliced,
     sae_spliced,
-    single_token_names,
     top_features,
 )
+from sae_lens_attn.analysis.ioi import corrupt_ioi, logit_diff, make_ioi, single_token_names
 
 from .conftest import random_rows
 
@@ -89,7 +86,7 @@ def test_abc_corruption_keeps_positions_and_changes_every_name(ioi):
 
 
 def test_logit_diff_by_hand():
-    from sae_lens_attn.analysis.circuits import IOIDataset
+    from sae_lens_attn.analysis.ioi import IOIDataset
 
     logits = torch.randn(3, 5, 11)
     data = IOIDataset(["a", "b", "c"], torch.zeros(3, 5, dtype=torch.long), torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]),
