@@ -15,8 +15,8 @@ computes, the criterion is stated here and used by ``sae-lens-attn analyze``:
   ``distant`` (further back). These are the head behaviours circuit studies name (previous-token, induction,
   local-context heads).
 * A head is **polysemantic** when its features have at least two roles that each hold at least
-  :data:`MIN_ROLE_SHARE` = 20% of them (at least one feature); **monosemantic** when one role holds more than
-  80%; **no features** when none belong to it.
+  :data:`MIN_ROLE_SHARE` = 20% of them (at least one feature); **monosemantic** otherwise (one role, give or
+  take a few features); **no features** when none belong to it.
 
 Hook_z SAEs only (the decoder has head blocks); other sites are refused (weight-based attribution needs head
 blocks).

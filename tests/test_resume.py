@@ -159,13 +159,17 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, small_data, referenc
     resumed = subprocess.run(shlex.split(lines[-1]), capture_output=True, text=True, cwd=REPO, timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {stopped_at} at step {step}/32" in resumed.stdout
-    ref_dir = reference.dir()
-    a, b = SAE.load(ref_dir / "L1.z"), SAE.load(cut_dir / "L1.z")
-    for name, p in a.named_parameters():
-        assert torch.equal(p, dict(b.named_parameters())[name]), f"{name} differs after SIGTERM + resume"
-    assert torch.equal(SAE.load_sparsity(ref_dir / "L1.z"), SAE.load_sparsity(cut_dir / "L1.z"))
+    _assert_same_sae(reference.dir(), cut_dir, "SIGTERM + resume")
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 33))  # every step logged once
+
+
+def _assert_same_sae(ref_dir, cut_dir, what: str) -> None:
+    """The resumed run's final SAE and sparsity equal the uninterrupted run's, bit for bit."""
+    a, b = SAE.load(ref_dir / "L1.z"), SAE.load(cut_dir / "L1.z")
+    for name, p in a.named_parameters():
+        assert torch.equal(p, dict(b.named_parameters())[name]), f"{name} differs after {what}"
+    assert torch.equal(SAE.load_sparsity(ref_dir / "L1.z"), SAE.load_sparsity(cut_dir / "L1.z"))
 
 
 def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(tmp_path, small_data, reference):
@@ -188,10 +192,7 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(tmp_path, s
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed_at} at step {int(killed_at.name[5:])}/32" in resumed.stdout
     ref_dir = reference.dir()
-    a, b = SAE.load(ref_dir / "L1.z"), SAE.load(cut_dir / "L1.z")
-    for name, p in a.named_parameters():
-        assert torch.equal(p, dict(b.named_parameters())[name]), f"{name} differs after kill + resume"
-    assert torch.equal(SAE.load_sparsity(ref_dir / "L1.z"), SAE.load_sparsity(cut_dir / "L1.z"))
+    _assert_same_sae(ref_dir, cut_dir, "kill + resume")
     # the log reads as one run: every step once, records after the checkpoint written again
     steps = [json.loads(line)["step"] for line in (cut_dir / "log.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 32]
