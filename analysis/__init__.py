@@ -5,7 +5,8 @@ the logits, which features each head computes, which are induction features, whi
 Modules: :mod:`.heads` (weight-based head attribution, head survey), :mod:`.dfa` (direct feature attribution by
 head and source position), :mod:`.rdfa` (recursive DFA), :mod:`.features` (streamed feature statistics, logit
 effects), :mod:`.induction` (induction heads and features, prefix-length study), :mod:`.circuits` (IOI,
-splicing with the error term, ablation, noising, attribution), :mod:`.dashboard` (HTML pages).
+splicing with the error term, ablation, noising, attribution), :mod:`.dashboard` (HTML pages; figures, index and the default feature choice in
+:mod:`.dashboard_figures`, :mod:`.dashboard_index`, :mod:`.dashboard_select`).
 """
 
 from .circuits import (
@@ -22,7 +23,7 @@ from .circuits import (
     single_token_names,
     top_features,
 )
-from .dashboard import DashboardConfig, feature_page, write_dashboards
+from .dashboard import DashboardConfig, default_features, feature_page, write_dashboards
 from .dfa import DFAResult, SourceDFA, dfa, dfa_by_source, head_fractions
 from .features import (
     Example,
@@ -62,6 +63,7 @@ __all__ = [
     "attribute_features",
     "classify_prefix_heads",
     "corrupt_ioi",
+    "default_features",
     "dfa",
     "dfa_by_source",
     "feature_induction_scores",
