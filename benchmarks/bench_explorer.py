@@ -52,6 +52,16 @@ def _saes(args) -> list[str]:
     return [str(d) for d in dirs]
 
 
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
@@ -97,7 +107,7 @@ def main() -> None:
         "median_ms": statistics.median(wall), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(wall),
         "server_median_ms": statistics.median(server), "runs": len(wall), "tokens": args.tokens,
         "saes": [f"{e.id} ({e.sae.architecture}, d_sae {e.sae.cfg.d_sae})" for e in session.saes.values()],
-        "top_k": args.top_k, "threads": args.threads, "cpu_count": os.cpu_count(), "cpu": platform.processor(),
+        "top_k": args.top_k, "threads": args.threads, "cpu_count": os.cpu_count(), "cpu": _cpu(),
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
         "git": git, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -20,7 +20,7 @@ TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mi
 def random_sae(model, site: Site, d_sae: int, seed: int, arch: str = "topk", k: int = 4) -> SAE:
     cfg = SAEConfig(d_in=site.d_in(model.cfg), d_sae=d_sae, k=k, architecture=arch,
                     reshape_activations="hook_z" if site.kind == "z" else "none",
-                    metadata={"hook_name": site.hook_name, "prepend_bos": True})
+                    metadata={"hook_name": site.hook_name, "hook_head_index": site.head, "prepend_bos": True})
     sae = SAE(cfg, init=False)
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     return sae.requires_grad_(False)
@@ -53,6 +53,16 @@ def test_info_and_ids(session, tiny_neox):
     assert [s["architecture"] for s in info["saes"]] == ["topk", "standard", "topk"]
     two = ExplorerSession(tiny_neox, [random_sae(tiny_neox, Site(0), 8, 0), random_sae(tiny_neox, Site(0), 8, 1)])
     assert list(two.saes) == ["L0.z", "L0.z#2"]
+
+
+def test_one_head_sae(tiny_neox):
+    s = ExplorerSession(tiny_neox, [random_sae(tiny_neox, Site(1, head=2), 12, 5, k=2)])
+    res = s.analyze(TEXT)["saes"][0]
+    assert res["id"] == "L1.z.h2"
+    assert all(h == 2 for row in res["heads"] for h in row) and any(res["heads"])  # only head 2 feeds it
+    assert all(h == 2 for row in res["share_heads"][1:] for h in row)
+    d = s.feature(TEXT, "L1.z.h2", res["features"][4][0], 4)
+    assert d["top_head"] == 2 and all(v == 0 for h, v in enumerate(d["dfa_by_head"]) if h != 2)
 
 
 def test_analyze_matches_the_model_and_the_api(session, tiny_neox):

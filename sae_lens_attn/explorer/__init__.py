@@ -6,6 +6,6 @@ and :mod:`.steer` are its feature and steering views; :mod:`.server` serves it w
 installed ``plotly`` package, nothing from the network).
 """
 
-from .session import ExplorerSession, LoadedSAE, Prompt
+from .session import ExplorerSession, LoadedSAE, Prompt, UnknownSAEError
 
-__all__ = ["ExplorerSession", "LoadedSAE", "Prompt"]
+__all__ = ["ExplorerSession", "LoadedSAE", "Prompt", "UnknownSAEError"]

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .session import MAX_TOP_K, ExplorerSession
+from .session import MAX_TOP_K, ExplorerSession, UnknownSAEError
 
 STATIC = Path(__file__).parent / "static"
 
@@ -80,8 +80,8 @@ def create_app(session: ExplorerSession):
         # json.dumps directly: FastAPI's generic encoder walks every number in Python, several times slower
         return Response(json.dumps(obj, allow_nan=False), media_type="application/json")
 
-    @app.exception_handler(KeyError)
-    async def not_found(request: Request, err: KeyError):
+    @app.exception_handler(UnknownSAEError)
+    async def not_found(request: Request, err: UnknownSAEError):
         return JSONResponse({"detail": str(err.args[0]) if err.args else "not found"}, status_code=404)
 
     @app.exception_handler(ValueError)  # UnsupportedModelError is a ValueError: a refusal naming the family

@@ -44,6 +44,10 @@ from sae_lens_attn.spec import model_spec
 MAX_TOP_K = 64
 
 
+class UnknownSAEError(KeyError):
+    """An SAE id that is not in the session (the server answers 404)."""
+
+
 @dataclass
 class LoadedSAE:
     """One SAE in the session."""
@@ -144,7 +148,7 @@ class ExplorerSession:
     # --- helpers ---------------------------------------------------------------------------------------
     def entry(self, sae_id: str) -> LoadedSAE:
         if sae_id not in self.saes:
-            raise KeyError(f"no SAE {sae_id!r} in this session (loaded: {', '.join(self.saes)})")
+            raise UnknownSAEError(f"no SAE {sae_id!r} in this session (loaded: {', '.join(self.saes)})")
         return self.saes[sae_id]
 
     def check_feature(self, entry: LoadedSAE, feature: int) -> int:
@@ -188,7 +192,8 @@ class ExplorerSession:
                 return self._prompts[text]
             ids = self.tokenize(text)
             tokens = torch.tensor([ids], device=model_device(self.model))
-            sites = sorted({e.site for e in self.saes.values()} | {Site(e.site.layer) for e in self.saes.values()})
+            sites = sorted({e.site for e in self.saes.values()} | {Site(e.site.layer) for e in self.saes.values()},
+                           key=lambda s: (s.layer, s.kind, -1 if s.head is None else s.head))
             h = harvest(self.model, tokens, sites, drop_bos=False)
             keep = self.spec.tokens.keep(tokens[0]).cpu()
             x, acts, z = {}, {}, {}
