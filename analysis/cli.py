@@ -3,7 +3,8 @@
 ``analyze`` prints the head-by-head survey (weight-based head attribution with each feature's top tokens),
 the heads' induction and previous-token scores, the prefix-length study of the SAE's layer, and the SAE's
 induction features with the heads and source tokens they come from; ``--out`` also writes it all as JSON.
-``dashboard`` writes one HTML page per feature and an index page.
+``dashboard`` writes one HTML page per feature and an index page. ``explore`` (registered here, built in
+:mod:`sae_lens_attn.explorer.cli`) serves the local web app.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def run_dashboard(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     stats = feature_stats(model, sae, rows, features=features, site=site,
                           cfg=StatsConfig(batch_rows=args.batch_rows, seed=args.seed))
-    scores = feature_induction_scores(model, sae, seed=args.seed, features=features, site=site,
+    scores = feature_induction_scores(model, sae, seed=args.seed, features=stats.features, site=site,
                                       length=max_repeat_length(model))
     if features is None:
         features = default_features(stats, args.n_features, scores, args.n_induction)

@@ -38,7 +38,7 @@ from .dashboard_figures import (
     tok_text,
 )
 from .dashboard_index import index_page
-from .dashboard_select import default_features
+from .dashboard_select import default_features, induction_scores_or_none
 from .features import Example, FeatureStats, logit_effects
 from .heads import head_shares
 
@@ -203,15 +203,15 @@ def write_dashboards(
     cfg: DashboardConfig | None = None,
     extra: dict[str, dict[int, float]] | None = None,
 ) -> DashboardFiles:
-    """Write ``feature_<i>.html`` for each feature (default: :func:`default_features`, a spread over
-    density deciles), ``index.html`` and ``features.json``; ``extra`` adds index columns (e.g.
-    ``{"induction": {feature: score}}``)."""
+    """Write ``feature_<i>.html`` for each feature (default: :func:`default_features`: 20 at evenly spaced
+    density quantiles, plus the 5 most induction-like where the model allows induction scores),
+    ``index.html`` and ``features.json``; ``extra`` adds index columns (e.g. ``{"induction": {feature: score}}``)."""
     cfg = cfg or DashboardConfig()
     site = sae_site(sae, site)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if features is None:
-        features = default_features(stats)
+        features = default_features(stats, induction=induction_scores_or_none(model, sae, site, stats))
     if cfg.plotlyjs == "file":
         _write_plotly(out)
     files = DashboardFiles(out / "index.html")

@@ -9,8 +9,12 @@ Kissane et al. 2024, section 4.2), among those that fire on enough of those toke
 
 from __future__ import annotations
 
+from sae_lens_attn.sae import SAE
+from sae_lens_attn.sites import Site
+from sae_lens_attn.spec import UnsupportedModelError
+
 from .features import FeatureStats
-from .induction import FeatureInductionScores
+from .induction import FeatureInductionScores, feature_induction_scores, max_repeat_length
 
 
 def density_spread(stats: FeatureStats, n: int) -> list[int]:
@@ -47,3 +51,13 @@ def default_features(stats: FeatureStats, n_spread: int = 20, induction: Feature
     tracked = {int(f) for f, c in zip(stats.features.tolist(), stats.fire_count.tolist()) if c > 0}
     ind = [f for f in most_induction_like(induction, len(induction.features), min_fire, set(spread)) if f in tracked]
     return spread + ind[:n_induction]
+
+
+def induction_scores_or_none(model, sae: SAE, site: Site, stats: FeatureStats, seed: int = 0) -> FeatureInductionScores | None:
+    """Induction scores of the tracked features on repeated random tokens (the longest repeat that fits,
+    up to 32), or None where the model refuses them (no start token to frame the repeats)."""
+    try:
+        return feature_induction_scores(model, sae, seed=seed, features=stats.features, site=site,
+                                        length=max_repeat_length(model))
+    except UnsupportedModelError:
+        return None

@@ -79,12 +79,12 @@ def test_dashboard_default_choice_is_a_density_spread_plus_induction_features(sa
 
     root, sae_dir, text = saved
     out = root / "default"
-    assert main(["dashboard", "--sae", str(sae_dir), "--dataset", str(text), "--tokens", "256", "--n-features", "4",
+    assert main(["dashboard", "--sae", str(sae_dir), "--dataset", str(text), "--tokens", "128", "--n-features", "3",
                  "--n-induction", "2", "--out", str(out)]) == 0
     sae = SAE.load(sae_dir)
-    rows = token_rows(str(text), tiny_neox.tokenizer, 32, token_policy(tiny_neox), max_rows=8)
+    rows = token_rows(str(text), tiny_neox.tokenizer, 32, token_policy(tiny_neox), max_rows=4)
     stats = feature_stats(tiny_neox, sae, rows, cfg=StatsConfig())
-    spread = density_spread(stats, 4)
+    spread = density_spread(stats, 3)
     scores = feature_induction_scores(tiny_neox, sae, length=max_repeat_length(tiny_neox))
     fired = set((stats.fire_count > 0).nonzero()[:, 0].tolist())
     ind = [f for f in most_induction_like(scores, 24, exclude=set(spread)) if f in fired][:2]

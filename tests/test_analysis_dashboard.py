@@ -197,7 +197,7 @@ def test_attn_out_sae_page(tiny_neox, tmp_path):
     assert len(page.encode()) < 100_000
 
 
-def test_default_features_spread_over_density_and_add_induction(tiny_neox):
+def test_default_features_spread_over_density_and_add_induction(tiny_neox, tmp_path, monkeypatch):
     site = Site(1)
     sae = SAE(SAEConfig(d_in=32, d_sae=24, architecture="standard", metadata={"hook_name": site.hook_name}), init=False)
     sae.reset_parameters(torch.Generator().manual_seed(3))
@@ -225,3 +225,12 @@ def test_default_features_spread_over_density_and_add_induction(tiny_neox):
     assert got == spread + [b, a]  # 23 never fired in the statistics: no page for it
     assert default_features(stats, n, scores, n_induction=1) == spread + [b]
     assert default_features(stats, n) == spread
+    # write_dashboards' own default: 20 by density plus the 5 most induction-like, scored here
+    from sae_lens_attn.analysis.induction import feature_induction_scores, max_repeat_length
+
+    real = feature_induction_scores(tiny_neox, sae, length=max_repeat_length(tiny_neox))
+    monkeypatch.setattr("sae_lens_attn.analysis.dashboard.feature_page", lambda *a, **k: "page")  # only the choice
+    files = write_dashboards(tiny_neox, sae, stats, tmp_path)
+    want = density_spread(stats, 20)
+    want += [f for f in most_induction_like(real, d, exclude=set(want)) if stats.fire_count[f] > 0][:5]
+    assert sorted(files.pages) == sorted(want) and len(files.pages) > 5
