@@ -68,7 +68,7 @@ def feature_detail(session, text: str, sae_id: str, feature: int, pos: int, n_lo
 
 def _error(session, e, p, pos: int) -> dict:
     x = p.x[e.id][pos]
-    x_hat = e.sae.decode(p.acts[e.id][pos].to(x.dtype)).float()
+    x_hat = e.sae.decode(p.acts[e.id][pos].to(e.sae.W_dec.dtype)).float()
     err = x - x_hat
     x_sq = float(x.pow(2).sum())
     return {"x_norm": x_sq**0.5, "error_norm": float(err.norm()),

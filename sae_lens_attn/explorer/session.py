@@ -243,7 +243,7 @@ class ExplorerSession:
         by_head = einops.einsum(W, p.z[e.site.layer].to(W.device), "pos k head d, pos head d -> pos k head")
         heads = by_head.argmax(-1).cpu()
         shares = self.shares(e)
-        err = p.x[e.id] - e.sae.decode(acts.to(p.x[e.id].dtype)).float()
+        err = p.x[e.id] - e.sae.decode(acts.to(e.sae.W_dec.dtype)).float()
         x_sq = p.x[e.id].pow(2).sum(-1)
         fvu = torch.where(x_sq > 0, err.pow(2).sum(-1) / x_sq.clamp_min(1e-30), torch.zeros_like(x_sq))
         keep = p.keep.tolist()
