@@ -5,7 +5,9 @@ the logits, which features each head computes, which are induction features, whi
 Modules: :mod:`.heads` (weight-based head attribution, head survey), :mod:`.dfa` (direct feature attribution by
 head and source position), :mod:`.rdfa` (recursive DFA), :mod:`.features` (streamed feature statistics, logit
 effects), :mod:`.induction` (induction heads and features, prefix-length study), :mod:`.circuits` (splicing with
-the error term, ablation, noising, attribution), :mod:`.copying` and :mod:`.ioi` (tasks), :mod:`.dashboard` (HTML pages).
+the error term, ablation, noising, attribution), :mod:`.copying` and :mod:`.ioi` (tasks), :mod:`.dashboard` (HTML
+pages; figures, index and the default feature choice in :mod:`.dashboard_figures`, :mod:`.dashboard_index`,
+:mod:`.dashboard_select`).
 """
 
 from .circuits import (
@@ -19,7 +21,7 @@ from .circuits import (
     top_features,
 )
 from .copying import CopyDataset, copy_logit_diff, repeated_name_prompts, spearman
-from .dashboard import DashboardConfig, feature_page, write_dashboards
+from .dashboard import DashboardConfig, default_features, feature_page, write_dashboards
 from .dfa import DFAResult, SourceDFA, dfa, dfa_by_source, head_fractions
 from .features import (
     Example,
@@ -65,6 +67,7 @@ __all__ = [
     "attribute_features",
     "classify_prefix_heads",
     "corrupt_ioi",
+    "default_features",
     "dfa",
     "dfa_by_source",
     "feature_induction_scores",

@@ -3,7 +3,8 @@
 ``analyze`` prints the head-by-head survey (weight-based head attribution with each feature's top tokens),
 the heads' induction and previous-token scores, the prefix-length study of the SAE's layer, and the SAE's
 induction features with the heads and source tokens they come from; ``--out`` also writes it all as JSON.
-``dashboard`` writes one HTML page per feature and an index page.
+``dashboard`` writes one HTML page per feature and an index page. ``explore`` (registered here, built in
+:mod:`sae_lens_attn.explorer.cli`) serves the local web app.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_subcommands(sub) -> None:
-    """Add ``analyze`` and ``dashboard`` to the ``sae-lens-attn`` subparsers."""
+    """Add ``analyze``, ``dashboard`` and ``explore`` to the ``sae-lens-attn`` subparsers."""
     fmt = _Formatter
     a = sub.add_parser(
         "analyze", formatter_class=fmt,
@@ -62,10 +63,19 @@ def add_subcommands(sub) -> None:
     )
     _common(d)
     d.add_argument("--out", default=None, help="output folder (default: dashboards/<site label>)")
-    d.add_argument("--features", default=None, help="comma-separated feature ids (default: the --n-features densest)")
-    d.add_argument("--n-features", type=int, default=20, help="how many features when --features is not given")
-    d.add_argument("--plotlyjs", choices=["inline", "file"], default="inline",
-                   help="inline: every page self-contained; file: one plotly.min.js beside the pages")
+    d.add_argument("--features", default=None,
+                   help="comma-separated feature ids (default: --n-features spread over density deciles, plus the "
+                   "--n-induction most induction-like)")
+    d.add_argument("--n-features", type=int, default=20,
+                   help="features at evenly spaced density quantiles when --features is not given (2 per decile for 20)")
+    d.add_argument("--n-induction", type=int, default=5,
+                   help="most induction-like features added when --features is not given (largest second-copy mass "
+                   "on repeated random tokens)")
+    d.add_argument("--plotlyjs", choices=["inline", "file"], default="file",
+                   help="file: one plotly.min.js beside the pages (pages of tens of kB); inline: every page self-contained (~5 MB)")
+    from sae_lens_attn.explorer.cli import add_parser as add_explore
+
+    add_explore(sub, fmt)
 
 
 def _load(args):
@@ -174,21 +184,23 @@ def run_analyze(args) -> int:
 
 
 def run_dashboard(args) -> int:
-    import torch
-
     from .dashboard import DashboardConfig, write_dashboards
+    from .dashboard_select import default_features
     from .features import StatsConfig, feature_stats
     from .induction import feature_induction_scores, max_repeat_length
 
     model, sae, site, rows, features = _load(args)
+    for name in ("n_features", "n_induction"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     stats = feature_stats(model, sae, rows, features=features, site=site,
                           cfg=StatsConfig(batch_rows=args.batch_rows, seed=args.seed))
-    if features is None:
-        order = stats.fire_count.argsort(descending=True)
-        features = [int(stats.features[i]) for i in order[: args.n_features] if stats.fire_count[i] > 0]
-    scores = feature_induction_scores(model, sae, seed=args.seed, features=torch.tensor(features), site=site,
+    scores = feature_induction_scores(model, sae, seed=args.seed, features=stats.features, site=site,
                                       length=max_repeat_length(model))
-    extra = {"induction mass": dict(zip(features, scores.mass_second.tolist()))}
+    if features is None:
+        features = default_features(stats, args.n_features, scores, args.n_induction)
+    mass = dict(zip(scores.features.tolist(), scores.mass_second.tolist()))
+    extra = {"induction mass": {f: mass[f] for f in features}}
     out = args.out or str(Path("dashboards") / site.label)
     files = write_dashboards(model, sae, stats, out, features, site, DashboardConfig(plotlyjs=args.plotlyjs), extra)
     print(f"wrote {len(files.pages)} feature pages; open {files.index.resolve()}")

@@ -1,22 +1,21 @@
-"""Feature dashboards: one self-contained HTML page per feature and an index page, opened from file://.
+"""Feature dashboards: one HTML page per feature and a sortable, filterable index, opened from file://.
 
 Each page shows what Kissane et al. (2024) put on theirs: top-activating examples with tokens coloured by
-activation, examples at every activation level, DFA by head and source position for the top example, the
-head shares of the decoder (hook_z SAEs), the activation histogram, and the top and bottom logits. Plotly's
-JavaScript is inlined once per page (``plotlyjs="inline"``, the default: the page needs nothing else), or
-written once next to the pages (``plotlyjs="file"``: much smaller pages, the folder must stay together).
+activation (overlapping windows of one row count once: :attr:`StatsConfig.min_separation`), examples at
+every activation level, DFA by head and source position for the top example *and* averaged over the top
+examples by relative source position, the head shares of the decoder (hook_z SAEs), the activation
+histogram, and the top and bottom logits. Plotly's JavaScript is written once per folder
+(``plotlyjs="file"``, the default: pages of tens of kB, the folder must stay together) or inlined in every
+page (``plotlyjs="inline"``: each page stands alone, at about 5 MB).
 """
 
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-import torch
 
 from sae_lens_attn.files import ensure_dir, write_json, write_text
 from sae_lens_attn.models import model_name
@@ -24,15 +23,30 @@ from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 from sae_lens_attn.spec import UnsupportedModelError, model_spec
 
-from ._common import decode_token, sae_site
-from .dfa import dfa_by_source
+from ._common import sae_site
+from .dashboard_figures import (
+    Figures,
+    dfa_top_figure,
+    example_dfa,
+    head_share_figure,
+    histogram_figure,
+    logit_figure,
+    source_profile,
+    source_profile_figure,
+    tok_text,
+)
+from .dashboard_index import index_page
+from .dashboard_select import default_features, induction_scores_or_none
 from .features import Example, FeatureStats, logit_effects
 from .heads import head_shares
+
+__all__ = ["PLOTLY_FILE", "DashboardConfig", "DashboardFiles", "default_features", "feature_page", "index_page",
+           "write_dashboards"]
 
 PlotlyJS = Literal["inline", "file"]
 PLOTLY_FILE = "plotly.min.js"
 
-_CSS = """
+CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px; color: #222; background: #fff; }
 h1 { font-size: 22px; margin: 0 0 4px 0; } h2 { font-size: 17px; margin: 22px 0 8px 0; }
 .meta { color: #555; font-size: 14px; }
@@ -43,7 +57,7 @@ h1 { font-size: 22px; margin: 0 0 4px 0; } h2 { font-size: 17px; margin: 22px 0 
 .ex { font-family: ui-monospace, Menlo, monospace; font-size: 13px; padding: 3px 0; border-bottom: 1px solid #eee;
       white-space: pre-wrap; }
 .ex .val { display: inline-block; width: 64px; color: #666; }
-.tok { border-radius: 2px; } .tok.center { outline: 1.5px solid #c0392b; }
+.ex span[title] { border-radius: 2px; } .tok.center { outline: 1.5px solid #c0392b; }
 table { border-collapse: collapse; font-size: 14px; } td, th { padding: 4px 10px; border-bottom: 1px solid #eee; text-align: left; }
 th { background: #f4f4f4; } a { color: #1f5fa8; }
 """
@@ -54,19 +68,24 @@ class DashboardConfig:
     """What goes on each page."""
 
     n_top: int = 12
-    """Top-activating examples shown."""
+    """Top-activating examples shown (and averaged over in the relative-source DFA figure)."""
     n_bins: int = 4
     """Activation-level bins of sampled examples."""
     per_bin: int = 3
     """Examples per bin."""
     n_logits: int = 10
     """Top and bottom logit tokens shown."""
-    plotlyjs: PlotlyJS = "inline"
-    """``inline``: plotly.js inside every page (self-contained); ``file``: one plotly.min.js beside the pages."""
+    max_offset: int = 16
+    """Relative source positions shown one by one in the averaged DFA figure (further back: one column)."""
+    plotlyjs: PlotlyJS = "file"
+    """``file``: one plotly.min.js beside the pages (small pages); ``inline``: plotly.js inside every page."""
 
     def __post_init__(self) -> None:
         if self.plotlyjs not in ("inline", "file"):
             raise ValueError(f"DashboardConfig.plotlyjs must be 'inline' or 'file', got {self.plotlyjs!r}")
+        for name in ("n_top", "max_offset"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DashboardConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -75,81 +94,42 @@ class DashboardFiles:
     pages: dict[int, Path] = field(default_factory=dict)
 
 
-def _tok_text(tokenizer, t: int) -> str:
-    if t < 0:
-        return ""
-    s = decode_token(tokenizer, t)
-    return s.replace("\n", "\u23ce")
-
-
 def _example_html(tokenizer, ex: Example, vmax: float) -> str:
     spans = []
     for i, (t, a) in enumerate(zip(ex.tokens, ex.acts)):
         if t < 0:
             continue
         alpha = 0.0 if vmax <= 0 else max(0.0, min(1.0, a / vmax))
-        cls = "tok center" if i == ex.center else "tok"
-        spans.append(
-            f'<span class="{cls}" style="background: rgba(255,120,0,{alpha:.3f})" title="{a:.4g}">'
-            f"{html.escape(_tok_text(tokenizer, t))}</span>"
-        )
+        cls = ' class="tok center"' if i == ex.center else ""  # (other tokens: styled by `.ex span[title]`)
+        spans.append(f'<span{cls} style="background:rgba(255,120,0,{alpha:.3f})" title="{a:.4g}">'
+                     f"{html.escape(tok_text(tokenizer, t))}</span>")
     return f'<div class="ex"><span class="val">{ex.activation:.3g}</span>{"".join(spans)}</div>'
 
 
-class _Figures:
-    """Plotly figures of one page; the first carries plotly.js when it is inlined."""
-
-    def __init__(self, plotlyjs: PlotlyJS):
-        self.plotlyjs = plotlyjs
-        self.first = True
-
-    def html(self, fig) -> str:
-        include = self.plotlyjs == "inline" and self.first
-        self.first = False
-        fig.update_layout(margin=dict(l=50, r=20, t=50, b=40), template="plotly_white", autosize=True)
-        return fig.to_html(full_html=False, include_plotlyjs=include, config={"displaylogo": False, "responsive": True},
-                           default_height=f"{fig.layout.height or 300}px")
-
-
-def _dfa_figure(model, sae: SAE, site: Site, stats: FeatureStats, feature: int, ex: Example):
-    import plotly.graph_objects as go
-
-    if stats.rows is not None:  # the row as the model saw it (all of it for an encoder, which sees ahead too)
-        encoder = model_spec(model).kind == "encoder"
-        tokens = stats.rows[ex.row] if encoder else stats.rows[ex.row, : ex.pos + 1]
-        note = ""
-        q = ex.pos
-    else:  # only the stored window: re-run it framed by the policy (attention sees less context than it did)
-        policy = model_spec(model).tokens
-        window = [t for t in ex.tokens[: ex.center + 1] if t >= 0 and t not in policy.special]
-        tokens = torch.tensor(policy.wrap(window))
-        note = " (context window only)"
-        q = len(window) - 1 + int(policy.start is not None)
-    res = dfa_by_source(model, sae, tokens, [feature], site)
-    n_src = tokens.shape[-1] if model_spec(model).kind == "encoder" else q + 1  # causal: no source after q
-    src = res.by_source[0, q, :, :n_src, 0].cpu()  # [head, k]
-    labels = [f"{i}:{_tok_text(model.tokenizer, int(t))}" for i, t in enumerate(tokens.tolist())]
-    fig = go.Figure(go.Heatmap(
-        z=src.tolist(), x=labels, y=[f"H{h}" for h in range(src.shape[0])], colorscale="RdBu", zmid=0,
-        hovertemplate="head %{y}<br>source %{x}<br>DFA %{z:.4g}<extra></extra>",
-    ))
-    fig.update_layout(title=f"DFA by head and source position, top example{note}", height=160 + 24 * src.shape[0],
-                      xaxis=dict(tickangle=-60, tickfont=dict(size=9), automargin=True))
-    by_head = res.by_head[0, q, :, 0].cpu()
-    return fig, float(res.pre[0, q, 0]), by_head
+def _dfa_cards(model, sae: SAE, site: Site, stats: FeatureStats, feature: int, top: list[Example], figs: Figures,
+               max_offset: int) -> list[str]:
+    spec = model_spec(model)
+    dfas = example_dfa(model, sae, site, stats, feature, top)
+    first = dfas[0]
+    heads = ", ".join(f"H{h} {v:+.3g}" for h, v in enumerate(first.by_head.tolist()))
+    cards = [figs.html(dfa_top_figure(model.tokenizer, first))
+             + f'<div class="meta">pre-activation {first.pre:.4g}; DFA by head: {heads}</div>']
+    prof = source_profile(dfas, spec.tokens.start, spec.kind == "encoder", max_offset)
+    mean = ", ".join(f"H{h} {v:+.3g}" for h, v in enumerate(prof.by_head.tolist()))
+    windowed = " (context windows only)" if first.windowed else ""
+    cards.append(figs.html(source_profile_figure(prof))
+                 + f'<div class="meta">mean DFA by head over {prof.n_examples} examples{windowed}: {mean}</div>')
+    return cards
 
 
 def feature_page(model, sae: SAE, stats: FeatureStats, feature: int, site: Site | None = None,
                  cfg: DashboardConfig | None = None) -> str:
     """The HTML of one feature's page."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     cfg = cfg or DashboardConfig()
     site = sae_site(sae, site)
     tok = model.tokenizer
     j = stats.index(feature)
-    figs = _Figures(cfg.plotlyjs)
+    figs = Figures(cfg.plotlyjs)
     top = stats.top_examples(feature, cfg.n_top)
     vmax = float(stats.max_act[j])
     parts = [
@@ -160,38 +140,17 @@ def feature_page(model, sae: SAE, stats: FeatureStats, feature: int, site: Site 
     ]
     cards = []
     if site.kind == "z":
-        shares = head_shares(sae, int(model.cfg.n_heads), site)[feature].cpu()
-        fig = go.Figure(go.Bar(x=[f"H{h}" for h in range(len(shares))], y=shares.tolist(), marker_color="#4c78a8"))
-        fig.update_layout(title="Decoder-norm share per head", height=280, yaxis=dict(range=[0, 1]))
-        cards.append(figs.html(fig))
-    centres, counts = stats.histogram(feature)
-    nz = counts > 0
-    if nz.any():
-        lo, hi = int(nz.nonzero()[0]), int(nz.nonzero()[-1]) + 1
-        fig = go.Figure(go.Scatter(x=centres[lo:hi].tolist(), y=counts[lo:hi].tolist(), mode="lines", line_shape="hvh",
-                                   fill="tozeroy", line_color="#f58518"))
-        fig.update_layout(title="Activation histogram (non-zero, log-spaced bins)", height=280,
-                          xaxis=dict(type="log", title="activation"), yaxis=dict(title="tokens"))
-        cards.append(figs.html(fig))
+        cards.append(figs.html(head_share_figure(head_shares(sae, int(model.cfg.n_heads), site)[feature].tolist())))
+    hist = histogram_figure(stats, feature)
+    if hist is not None:
+        cards.append(figs.html(hist))
     try:
         eff = logit_effects(model, sae, [feature], site, k=cfg.n_logits)
+        cards.append(figs.html(logit_figure(tok, eff, cfg.n_logits)))
     except UnsupportedModelError as err:  # encoders / post-norm models: no direct logit effect
-        eff = None
         cards.append(f"<h3>Direct logit effect</h3><p class=\"meta\">not shown: {html.escape(str(err))}</p>")
-    if eff is not None:
-        names_top = [_tok_text(tok, int(t)) for t in eff.top_tokens[0]]
-        names_bot = [_tok_text(tok, int(t)) for t in eff.bottom_tokens[0]]
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("top logits", "bottom logits"), horizontal_spacing=0.25)
-        fig.add_trace(go.Bar(y=[repr(n) for n in names_top][::-1], x=eff.top_values[0].tolist()[::-1], orientation="h",
-                             marker_color="#54a24b"), row=1, col=1)
-        fig.add_trace(go.Bar(y=[repr(n) for n in names_bot][::-1], x=eff.bottom_values[0].tolist()[::-1], orientation="h",
-                             marker_color="#e45756"), row=1, col=2)
-        fig.update_layout(title="Direct logit effect", height=90 + 22 * cfg.n_logits, showlegend=False)
-        cards.append(figs.html(fig))
     if top:
-        fig, pre, by_head = _dfa_figure(model, sae, site, stats, feature, top[0])
-        heads = ", ".join(f"H{h} {v:+.3g}" for h, v in enumerate(by_head.tolist()))
-        cards.append(figs.html(fig) + f'<div class="meta">pre-activation {pre:.4g}; DFA by head: {heads}</div>')
+        cards += _dfa_cards(model, sae, site, stats, feature, top, figs, cfg.max_offset)
     parts.append('<div class="grid">' + "".join(f'<div class="card">{c}</div>' for c in cards) + "</div>")
     parts.append("<h2>Top activations</h2>")
     parts += [_example_html(tok, ex, vmax) for ex in top] or ["<p>This feature never fired.</p>"]
@@ -201,46 +160,27 @@ def feature_page(model, sae: SAE, stats: FeatureStats, feature: int, site: Site 
         for label, group in bins:
             parts.append(f'<div class="meta">activation {html.escape(label)}</div>')
             parts += [_example_html(tok, ex, vmax) for ex in group]
-    return _document(f"Feature {feature} - {site.label}", "\n".join(parts), cfg.plotlyjs)
+    return document(f"Feature {feature} - {site.label}", "\n".join(parts), cfg.plotlyjs)
 
 
-def _document(title: str, body: str, plotlyjs: PlotlyJS | None) -> str:
+def document(title: str, body: str, plotlyjs: PlotlyJS | None, script: str = "") -> str:
+    """A whole page: ``<script src=plotly.min.js>`` in the head for ``file`` mode, ``script`` at the end."""
     head_js = f'<script src="{PLOTLY_FILE}"></script>' if plotlyjs == "file" else ""
+    tail = f"<script>{script}</script>" if script else ""
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style>{head_js}</head><body>\n{body}\n</body></html>\n"
+        f'<link rel="icon" href="data:,"><style>{CSS}</style>{head_js}</head><body>\n{body}\n{tail}</body></html>\n'
     )
 
 
-def index_page(model, sae: SAE, stats: FeatureStats, pages: dict[int, str], site: Site | None = None,
-               extra: dict[str, dict[int, float]] | None = None) -> str:
-    """The index: one row per feature with density, max activation, top head share and links."""
-    site = sae_site(sae, site)
-    shares = head_shares(sae, int(model.cfg.n_heads), site).cpu() if site.kind == "z" else None
-    extra = extra or {}
-    head = "<tr><th>feature</th><th>density</th><th>max act</th>"
-    head += "<th>top head (share)</th>" if shares is not None else ""
-    head += "".join(f"<th>{html.escape(k)}</th>" for k in extra) + "<th>top tokens</th></tr>"
-    rows = []
-    for feature, href in pages.items():
-        j = stats.index(feature)
-        cells = [f'<td><a href="{html.escape(href)}">{feature}</a></td>', f"<td>{float(stats.density[j]):.3e}</td>",
-                 f"<td>{float(stats.max_act[j]):.4g}</td>"]
-        if shares is not None:
-            h = int(shares[feature].argmax())
-            cells.append(f"<td>H{h} ({float(shares[feature, h]):.2f})</td>")
-        for values in extra.values():
-            v = values.get(feature, math.nan)
-            cells.append(f"<td>{v:.3g}</td>")
-        cells.append(f"<td>{html.escape(stats.describe(feature))}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    body = (
-        f"<h1>{html.escape(site.label)} features</h1>"
-        f'<div class="meta">{html.escape(model_name(model))} &middot; {html.escape(site.hook_name)} &middot; '
-        f"{stats.n_tokens:,} tokens &middot; {len(pages)} features</div>"
-        f"<table>{head}{''.join(rows)}</table>"
-    )
-    return _document(f"{site.label} features", body, None)
+def _write_plotly(out: Path) -> None:
+    """plotly.min.js once per folder (rewritten only when the installed plotly's differs)."""
+    from plotly.offline import get_plotlyjs
+
+    js = get_plotlyjs()
+    path = out / PLOTLY_FILE
+    if not (path.exists() and path.stat().st_size == len(js.encode()) and path.read_text(encoding="utf-8") == js):
+        write_text(path, js)
 
 
 def write_dashboards(
@@ -253,17 +193,16 @@ def write_dashboards(
     cfg: DashboardConfig | None = None,
     extra: dict[str, dict[int, float]] | None = None,
 ) -> DashboardFiles:
-    """Write ``feature_<i>.html`` for each feature (default: every tracked feature that fired) and
-    ``index.html``; ``extra`` adds index columns (e.g. ``{"induction": {feature: score}}``)."""
+    """Write ``feature_<i>.html`` for each feature (default: :func:`default_features`: 20 at evenly spaced
+    density quantiles, plus the 5 most induction-like where the model allows induction scores),
+    ``index.html`` and ``features.json``; ``extra`` adds index columns (e.g. ``{"induction": {feature: score}}``)."""
     cfg = cfg or DashboardConfig()
     site = sae_site(sae, site)
     out = ensure_dir(out_dir)
     if features is None:
-        features = [int(f) for f, c in zip(stats.features.tolist(), stats.fire_count.tolist()) if c > 0]
+        features = default_features(stats, induction=induction_scores_or_none(model, sae, site, stats))
     if cfg.plotlyjs == "file":
-        from plotly.offline import get_plotlyjs
-
-        write_text(out / PLOTLY_FILE, get_plotlyjs())
+        _write_plotly(out)
     files = DashboardFiles(out / "index.html")
     for f in features:
         path = out / f"feature_{int(f)}.html"

@@ -3,7 +3,10 @@
 Per feature, one pass over the tokens keeps (memory O(d_sae * (n_top + n_samples) * window), independent of
 the number of tokens):
 
-* the top ``n_top`` activating examples with their context window (a running top-N, merged batch by batch);
+* the top ``n_top`` activating examples with their context window (a running top-N, merged batch by batch),
+  at most one per stretch of ``separation`` tokens of a row: a token counts only if it is the largest
+  activation of its row within ``separation - 1`` tokens either side (ties: the first), so overlapping
+  windows around one burst of activity, which would repeat the same text, are one example;
 * a uniform sample of ``n_samples`` firing examples (bottom-k sampling by a random key: a reservoir without
   a Python heap), from which :meth:`FeatureStats.quantile_examples` draws examples at every activation level,
   as in Anthropic's feature dashboards (Bricken et al. 2023) and Kissane et al. (2024);
@@ -58,6 +61,10 @@ class StatsConfig:
     """Rows per model forward pass."""
     seed: int = 0
     """Seeds the sampling keys."""
+    min_separation: int | None = None
+    """Top examples from one row are at least this many tokens apart (of two closer ones the smaller is
+    dropped); None: half the context window, so two top examples share less than half their windows;
+    1 keeps every position."""
 
     def __post_init__(self) -> None:
         for name in ("n_top", "n_samples", "batch_rows"):
@@ -66,10 +73,30 @@ class StatsConfig:
         for name in ("ctx_left", "ctx_right"):
             if getattr(self, name) < 0:
                 raise ValueError(f"StatsConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_separation is not None and self.min_separation < 1:
+            raise ValueError(f"StatsConfig.min_separation must be >= 1 (or None), got {self.min_separation}")
 
     @property
     def window(self) -> int:
         return self.ctx_left + 1 + self.ctx_right
+
+    @property
+    def separation(self) -> int:
+        """:attr:`min_separation`, or half the window (rounded up) when it is None."""
+        return self.min_separation if self.min_separation is not None else (self.window + 1) // 2
+
+
+def row_maxima(key: Float[torch.Tensor, "b pos f"], separation: int) -> Float[torch.Tensor, "b pos f"]:
+    """``key`` with every entry set to -inf that is not the first maximum of its row within
+    ``separation - 1`` positions either side (non-maximum suppression along each row)."""
+    radius = separation - 1
+    if radius <= 0:
+        return key
+    k = key.permute(0, 2, 1)  # [b, f, pos]: one 1-D signal per row and feature
+    # max_pool1d keeps the first of equal maxima, so of two tied neighbours exactly one survives
+    _, arg = torch.nn.functional.max_pool1d(k, 2 * radius + 1, stride=1, padding=radius, return_indices=True)
+    own = torch.arange(k.shape[-1], device=k.device)
+    return k.masked_fill(arg != own, float("-inf")).permute(0, 2, 1)
 
 
 class Example(NamedTuple):
@@ -295,7 +322,7 @@ def feature_stats(
         hist.index_add_(0, f_idx * n_bins + bins, torch.ones_like(bins))
         tok_pad = torch.nn.functional.pad(batch, (cfg.ctx_left, cfg.ctx_right), value=-1)
         act_pad = torch.nn.functional.pad(acts, (0, 0, cfg.ctx_left, cfg.ctx_right))
-        key_top = flat.masked_fill(~firing, float("-inf"))
+        key_top = row_maxima(acts.masked_fill(acts <= 0, float("-inf")), cfg.separation).reshape(b * seq, n_feat)
         top = _merge(top, key_top, flat, tok_pad, act_pad, row0, cfg)
         key_rand = torch.rand(flat.shape, generator=gen).masked_fill(~firing, float("-inf"))
         samples = _merge(samples, key_rand, flat, tok_pad, act_pad, row0, cfg)

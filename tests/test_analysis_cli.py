@@ -57,16 +57,41 @@ def test_dashboard_writes_pages_and_index(saved, capsys):
     root, sae_dir, text = saved
     out = root / "dash"
     rc = main(["dashboard", "--sae", str(sae_dir), "--dataset", str(text), "--tokens", "256", "--n-features", "3",
-               "--out", str(out), "--plotlyjs", "file"])
+               "--n-induction", "0", "--out", str(out)])
     assert rc == 0
     assert "wrote 3 feature pages" in capsys.readouterr().out
     pages = sorted(out.glob("feature_*.html"))
-    assert len(pages) == 3 and (out / "index.html").exists() and (out / "plotly.min.js").exists()
+    assert len(pages) == 3 and (out / "index.html").exists() and (out / "plotly.min.js").exists()  # file: the default
     index = (out / "index.html").read_text()
     assert all(f'href="{p.name}"' in index for p in pages) and "<th>induction mass</th>" in index
     rc = main(["dashboard", "--sae", str(sae_dir), "--dataset", str(text), "--tokens", "64", "--features", "2,5",
-               "--out", str(root / "two"), "--plotlyjs", "file"])
+               "--out", str(root / "two"), "--plotlyjs", "inline"])
     assert rc == 0 and sorted(p.name for p in (root / "two").glob("feature_*.html")) == ["feature_2.html", "feature_5.html"]
+    assert not (root / "two" / "plotly.min.js").exists()
+
+
+def test_dashboard_default_choice_is_a_density_spread_plus_induction_features(saved, tiny_neox, capsys):
+    from sae_lens_attn.analysis.dashboard_select import density_spread, most_induction_like
+    from sae_lens_attn.analysis.features import StatsConfig, feature_stats
+    from sae_lens_attn.analysis.induction import feature_induction_scores, max_repeat_length
+    from sae_lens_attn.data import token_rows
+    from sae_lens_attn.models import token_policy
+
+    root, sae_dir, text = saved
+    out = root / "default"
+    assert main(["dashboard", "--sae", str(sae_dir), "--dataset", str(text), "--tokens", "128", "--n-features", "3",
+                 "--n-induction", "2", "--out", str(out)]) == 0
+    sae = SAE.load(sae_dir)
+    rows = token_rows(str(text), tiny_neox.tokenizer, 32, token_policy(tiny_neox), max_rows=4)
+    stats = feature_stats(tiny_neox, sae, rows, cfg=StatsConfig())
+    spread = density_spread(stats, 3)
+    scores = feature_induction_scores(tiny_neox, sae, length=max_repeat_length(tiny_neox))
+    fired = set((stats.fire_count > 0).nonzero()[:, 0].tolist())
+    ind = [f for f in most_induction_like(scores, 24, exclude=set(spread)) if f in fired][:2]
+    assert sorted(int(p.stem.split("_")[1]) for p in out.glob("feature_*.html")) == sorted(spread + ind)
+    assert json.loads((out / "features.json").read_text())["features"] == sorted(spread + ind)
+    assert main(["dashboard", "--sae", str(sae_dir), "--dataset", str(text), "--n-features", "-1"]) == 2
+    assert "--n-features must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -14,6 +14,7 @@ from sae_lens_attn.analysis.features import (
     feature_stats,
     logit_effects,
     logit_weights,
+    row_maxima,
 )
 
 from .conftest import random_rows
@@ -69,15 +70,33 @@ def test_histogram_bins_match_brute_force(setup):
     assert torch.equal(counts, expected) and len(centres) == len(counts)
 
 
+def _separated_top(acts_f: torch.Tensor, n: int, sep: int) -> list[tuple[int, int, float]]:
+    """Brute force: (row, pos, act) of the top ``n`` firing tokens that are the first maximum of their row
+    within ``sep - 1`` positions either side."""
+    cands = []
+    for r in range(acts_f.shape[0]):
+        for p in range(acts_f.shape[1]):
+            v = float(acts_f[r, p])
+            if v <= 0:
+                continue
+            before = acts_f[r, max(0, p - sep + 1) : p]
+            after = acts_f[r, p + 1 : p + sep]
+            if (before >= v).any() or (after > v).any():
+                continue
+            cands.append((r, p, v))
+    return sorted(cands, key=lambda c: -c[2])[:n]
+
+
 def test_top_examples_are_the_true_top_with_their_context(setup):
     model, _, rows, acts, stats = setup
+    sep = StatsConfig(ctx_left=3, ctx_right=2).separation
+    assert sep == 3  # half the 6-token window, rounded up
     for f in range(acts.shape[-1]):
-        flat = acts[..., f].flatten()
-        n_fire = int((flat > 0).sum())
-        want = flat.topk(min(5, n_fire)).values if n_fire else torch.empty(0)
+        want = _separated_top(acts[..., f], 5, sep)
         ex = stats.top_examples(f)
-        got = torch.tensor([e.activation for e in ex])
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.tensor([e.activation for e in ex]), torch.tensor([w[2] for w in want]))
+        for a in ex:  # overlapping windows of one row never make two examples
+            assert all(abs(a.pos - b.pos) >= sep for b in ex if b is not a and b.row == a.row)
         for e in ex:
             assert acts[e.row, e.pos, f] == pytest.approx(e.activation)
             assert e.tokens[e.center] == rows[e.row, e.pos]
@@ -86,6 +105,30 @@ def test_top_examples_are_the_true_top_with_their_context(setup):
                 assert tok == (int(rows[e.row, p]) if 0 <= p < rows.shape[1] else -1)
                 if tok >= 0:
                     assert e.acts[j] == pytest.approx(float(acts[e.row, p, f]))
+
+
+def test_min_separation_one_keeps_every_position(tiny_neox, setup):
+    model, sae, rows, acts, _ = setup
+    stats = feature_stats(model, sae, rows, cfg=StatsConfig(n_top=5, n_samples=6, ctx_left=3, ctx_right=2,
+                                                            min_separation=1))
+    for f in range(acts.shape[-1]):
+        flat = acts[..., f].flatten()
+        n_fire = int((flat > 0).sum())
+        want = flat.topk(min(5, n_fire)).values if n_fire else torch.empty(0)
+        torch.testing.assert_close(torch.tensor([e.activation for e in stats.top_examples(f)]), want)
+    with pytest.raises(ValueError, match="min_separation must be >= 1"):
+        StatsConfig(min_separation=0)
+
+
+def test_row_maxima_suppresses_neighbours_and_keeps_one_of_a_tie():
+    inf = float("-inf")
+    key = torch.tensor([[5.0, 4.0, inf, 1.0, 3.0, 3.0, inf, inf, 2.0]])[..., None]  # [1 row, 9 pos, 1 feature]
+    got = row_maxima(key, 3)[0, :, 0].tolist()
+    # 5 suppresses 4 (distance 1); 1 is within 2 of the 3s; of the tied 3s the first survives; 2 is alone
+    assert got == [5.0, inf, inf, inf, 3.0, inf, inf, inf, 2.0]
+    assert torch.equal(row_maxima(key, 1), key)
+    two_rows = torch.stack([key[0], key[0].flip(0)])  # rows are independent
+    assert row_maxima(two_rows, 3)[1, :, 0].tolist() == [2.0, inf, inf, 3.0, inf, inf, inf, inf, 5.0]
 
 
 def test_samples_are_firing_examples_and_quantiles_are_ordered(setup):

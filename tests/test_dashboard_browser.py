@@ -88,8 +88,9 @@ def pages(tiny_neox, tmp_path_factory):
     rows = random_rows(model, 8, 24)
     stats = feature_stats(model, sae, rows, cfg=StatsConfig(n_top=6))
     feature = int(stats.fire_count.argmax())
+    others = [int(f) for f in (stats.fire_count > 0).nonzero()[:, 0] if int(f) != feature][:4]
     out = tmp_path_factory.mktemp("browser")
-    return write_dashboards(model, sae, stats, out, [feature]), feature
+    return write_dashboards(model, sae, stats, out, [feature, *others]), feature
 
 
 @needs_chromium
@@ -108,9 +109,9 @@ def test_feature_page_renders_without_errors(pages, tmp_path):
     dom = _chromium(url, tmp_path, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert _console(dom.stderr) == []
-    # plotly ran: every figure div got its SVG
-    assert len(re.findall(r'class="plot-container plotly"', dom.stdout)) == 4
-    assert dom.stdout.count('class="main-svg"') >= 4
+    # plotly ran (from the folder's one plotly.min.js): every figure div got its SVG
+    assert len(re.findall(r'class="plot-container plotly"', dom.stdout)) == 5
+    assert dom.stdout.count('class="main-svg"') >= 5
     shot = tmp_path / "shot.png"
     res = _chromium(url, tmp_path, f"--screenshot={shot}", "--window-size=1000,900", "--hide-scrollbars")
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
@@ -130,3 +131,44 @@ def test_index_page_renders(pages, tmp_path):
     dom = _chromium(files.index.as_uri(), tmp_path, "--dump-dom")
     assert dom.returncode == 0 and _console(dom.stderr) == []
     assert f'href="feature_{feature}.html"' in dom.stdout
+    assert "features shown" in dom.stdout  # the index's script ran
+
+
+@needs_chromium
+def test_index_sorts_and_filters(pages):
+    """Click a header: rows sort by its numbers (again: the other way); type in the box: rows filter."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    files, _ = pages
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(files.index.as_uri())
+
+        def column(i):
+            return page.locator("#features tbody tr:not([hidden])").evaluate_all(
+                f"rows => rows.map(r => parseFloat(r.cells[{i}].dataset.v))")
+
+        n = page.locator("#features tbody tr").count()
+        assert n == len(files.pages) >= 3
+        page.click("#features th >> text=density")
+        dens = column(1)
+        assert dens == sorted(dens) and page.get_attribute("#features th >> text=density", "aria-sort") == "ascending"
+        page.click("#features th >> text=density")
+        assert column(1) == sorted(dens, reverse=True)
+        page.click("#features th >> text=feature")
+        assert column(0) == sorted(column(0))
+        rows = page.locator("#features tbody tr")
+        word = rows.nth(0).locator("td").nth(1).inner_text()  # the first row's density, as printed
+        page.fill("#filter", word)
+        texts = rows.evaluate_all("rs => rs.map(r => [r.hidden, r.textContent])")
+        assert all((word.lower() in t.lower()) != hidden for hidden, t in texts)  # shown exactly when it matches
+        visible = sum(not h for h, _ in texts)
+        assert 1 <= visible < n and f"{visible} of {n} features shown" == page.inner_text("#shown")
+        page.fill("#filter", "")
+        assert len(column(0)) == n and errors == []
+        browser.close()

@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from sae_lens_attn.analysis.cli import run
 
         return run(args)
+    if args.command == "explore":
+        from sae_lens_attn.explorer.cli import run as explore
+
+        return explore(args)
     return 1
 
 

@@ -1,0 +1,48 @@
+"""``sae-lens-attn explore``: load SAEs (and the model they name) and serve the explorer on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+ERRORS = (ValueError, FileNotFoundError, OSError, KeyError, ImportError)
+
+
+def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter) -> None:
+    """Add ``explore`` to the ``sae-lens-attn`` subparsers."""
+    p = sub.add_parser(
+        "explore", formatter_class=formatter_class,
+        help="a local web app: type a prompt, see every SAE's features per token, DFA, RDFA, logits, steering",
+        description="Serve the attention-SAE explorer (FastAPI + uvicorn, everything local, works offline): the "
+        "prompt is tokenized by the project's policy; each SAE shows its top features per token; a click on a "
+        "token and a feature shows DFA by head and source, the error term, one RDFA step back, head shares, "
+        "logits, and steering. A JSON API under /api serves the same numbers.",
+    )
+    p.add_argument("--sae", action="append", required=True, metavar="DIR",
+                   help="SAE directory (ours or SAELens' v6 layout); repeat for several SAEs shown side by side")
+    p.add_argument("--model", default=None,
+                   help="hub id or local model directory (default: the SAEs' metadata.model_name)")
+    p.add_argument("--dashboards", action="append", default=None, metavar="DIR",
+                   help="a folder written by `sae-lens-attn dashboard` (matched to the SAE by its site); "
+                   "the explorer links each feature to its page; repeatable")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (the default is this machine only)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port; the URL is printed)")
+    p.add_argument("--device", default=None, help="'cpu', 'cuda', ... (default: CUDA when available)")
+
+
+def run(args) -> int:
+    """Load and serve; errors a user can fix print one line and return 2."""
+    try:
+        from .server import create_app, serve
+        from .session import ExplorerSession
+
+        session = ExplorerSession.from_paths(args.sae, args.model, args.device, args.dashboards or ())
+        create_app(session)  # fail here, with the message, when FastAPI or uvicorn is missing
+        serve(session, args.host, args.port, on_ready=lambda msg: print(msg, flush=True))
+    except ERRORS as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"sae-lens-attn: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,181 @@
+"""The explorer's web server: FastAPI routes over an :class:`~.session.ExplorerSession`, run by uvicorn.
+
+FastAPI because it is widely used and maintained, validates every request body against a typed model
+(a bad field is a 422 naming it) and needs nothing but Starlette and pydantic; uvicorn is its usual ASGI
+server. Everything is served locally -- the page, its script, and plotly.js from the installed ``plotly``
+package -- so the explorer works offline (FastAPI's /docs page loads from a CDN, so it is switched off; the
+schema is at /openapi.json).
+
+JSON API (POST bodies are JSON; errors are ``{"detail": "..."}`` with 400 for bad input, 404 for an
+unknown SAE, 422 for a malformed body):
+
+``GET  /api/info``         the model and the loaded SAEs
+``POST /api/analyze``      ``{text, top_k=8}``: tokens, each SAE's top features per token
+``POST /api/activations``  ``{text, sae, feature}``: one feature's activation on every token
+``POST /api/feature``      ``{text, sae, feature, pos, n_logits=10, n_terms=12}``: DFA, error, RDFA, logits
+``POST /api/steer``        ``{text, sae, feature, coefficient, n_tokens=20, top=10}``: next-token change, continuation
+``GET  /dashboards/<sae>/feature_<i>.html``  dashboard pages, when a folder was given for that SAE
+"""
+
+# no ``from __future__ import annotations``: FastAPI reads the request models from the routes' annotations
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .session import MAX_TOP_K, ExplorerSession, UnknownSAEError
+
+STATIC = Path(__file__).parent / "static"
+
+
+def plotly_js() -> Path:
+    """plotly.min.js as shipped inside the installed ``plotly`` package."""
+    import plotly
+
+    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall plotly (pip install --force-reinstall plotly)")
+    return path
+
+
+def _missing_extra(err: ImportError) -> ImportError:
+    return ImportError(f"the explorer needs FastAPI and uvicorn ({err.name} is not installed): "
+                       "pip install 'sae-lens-attn[explore]'")
+
+
+def create_app(session: ExplorerSession):
+    """The FastAPI application serving ``session``."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import FileResponse, JSONResponse, Response
+        from fastapi.staticfiles import StaticFiles
+        from pydantic import BaseModel, Field
+    except ImportError as err:
+        raise _missing_extra(err) from err
+
+    class Analyze(BaseModel):
+        text: str
+        top_k: int = Field(8, ge=1, le=MAX_TOP_K)
+
+    class Activations(BaseModel):
+        text: str
+        sae: str
+        feature: int = Field(ge=0)
+
+    class Feature(Activations):
+        pos: int = Field(ge=0)
+        n_logits: int = Field(10, ge=1, le=100)
+        n_terms: int = Field(12, ge=1, le=200)
+
+    class Steer(Activations):
+        coefficient: float
+        n_tokens: int = Field(20, ge=0, le=64)
+        top: int = Field(10, ge=1, le=100)
+
+    app = FastAPI(title="sae-lens-attn explorer", docs_url=None, redoc_url=None)
+
+    def reply(obj: dict) -> Response:
+        # json.dumps directly: FastAPI's generic encoder walks every number in Python, several times slower
+        return Response(json.dumps(obj, allow_nan=False), media_type="application/json")
+
+    @app.exception_handler(UnknownSAEError)
+    async def not_found(request: Request, err: UnknownSAEError):
+        return JSONResponse({"detail": str(err.args[0]) if err.args else "not found"}, status_code=404)
+
+    @app.exception_handler(ValueError)  # UnsupportedModelError is a ValueError: a refusal naming the family
+    async def bad_input(request: Request, err: ValueError):
+        return JSONResponse({"detail": str(err)}, status_code=400)
+
+    @app.get("/api/info")
+    def info():
+        return reply(session.info())
+
+    @app.post("/api/analyze")
+    def analyze(req: Analyze):
+        return reply(session.analyze(req.text, req.top_k))
+
+    @app.post("/api/activations")
+    def activations(req: Activations):
+        return reply(session.activations(req.text, req.sae, req.feature))
+
+    @app.post("/api/feature")
+    def feature(req: Feature):
+        return reply(session.feature(req.text, req.sae, req.feature, req.pos, req.n_logits, req.n_terms))
+
+    @app.post("/api/steer")
+    def steer(req: Steer):
+        return reply(session.steer(req.text, req.sae, req.feature, req.coefficient, req.n_tokens, req.top))
+
+    @app.get("/")
+    def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/plotly.min.js")
+    def plotly():
+        return FileResponse(plotly_js(), media_type="text/javascript")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    for e in session.saes.values():
+        if e.dashboard is not None:
+            app.mount(f"/dashboards/{e.id}", StaticFiles(directory=e.dashboard, html=True), name=f"dash-{e.id}")
+    return app
+
+
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening socket (port 0: a free one), so the URL is known before the server starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port (0: any free one)") from err
+    sock.listen(128)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _server(session: ExplorerSession, log_level: str):
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise _missing_extra(err) from err
+    return uvicorn.Server(uvicorn.Config(create_app(session), log_level=log_level, lifespan="off"))
+
+
+def serve(session: ExplorerSession, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+          on_ready=print) -> None:
+    """Serve until interrupted (Ctrl+C); ``on_ready(message)`` gets the URL once the socket listens."""
+    sock = bind(host, port)
+    server = _server(session, log_level)
+    on_ready(f"sae-lens-attn explorer: {url_of(sock)}  (Ctrl+C stops it)")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+@contextmanager
+def running(session: ExplorerSession, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
+    """Serve ``session`` from a background thread for the ``with`` block; yields the URL (tests, benchmarks)."""
+    sock = bind(host, port)
+    server = _server(session, log_level)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the explorer server stopped while starting")
+            thread.join(0.02)
+        yield url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
