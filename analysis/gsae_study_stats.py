@@ -11,7 +11,9 @@ seed, and two 95% intervals are given for its mean over seeds:
   percentiles of mean(d) taken. It holds the evaluation noise only, with the trained SAEs fixed, so it shows
   whether a difference is measured precisely on *these* SAEs; it cannot say whether another seed would show
   it. (Mean ablation keeps the mean of the full evaluation sample; the steering rows are resampled on their
-  own.)
+  own.) Dead fraction is not bootstrapped: a resample leaves out about a third of the rows, so latents that
+  fire in few rows die in it and the resampled dead fraction is biased upwards; a percentile interval of it
+  would not cover the sample's value fairly.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ METRICS = (
     ("dead_fraction", "dead fraction", 100, "%"),
     ("steering", "steering", 100, "% prob. mass"),
 )
+
+#: Metrics without a bootstrap interval (module docstring).
+NOT_BOOTSTRAPPED = ("dead_fraction",)
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -105,9 +110,10 @@ def row_metrics(site: dict, sae: dict, d_sae: int, w: torch.Tensor, w_steer: tor
     ce_spl = w @ _t(sae["ce_spliced"])
     n_tok = w @ _t(site["n_tok"])
     total_var = w @ _t(site["x_sq"]) - ((w @ _t(site["row_sum_gram"])) * w).sum(1) / n_tok
-    dead = torch.full((w.shape[0],), float(sae["never_fired"]), dtype=torch.float64)
-    for rows in sae["rare"].values():
-        dead += (w[:, rows].sum(1) == 0).double()
+    fires = torch.zeros(len(sae["rare"]), w.shape[1], dtype=torch.float64)  # [rare latent, row]: fires there
+    for i, rows in enumerate(sae["rare"].values()):
+        fires[i, rows] = 1.0
+    dead = float(sae["never_fired"]) + ((w @ fires.T) == 0).sum(1).double()
     return {
         "ce_recovered_zero": (ce_zero - ce_spl) / (ce_zero - ce_clean),
         "ce_recovered_mean": (ce_mean - ce_spl) / (ce_mean - ce_clean),
@@ -154,7 +160,7 @@ def _bootstrap(rows: dict, layer: int, pairs: list[tuple[dict, dict]], n_boot: i
     diff: dict[str, torch.Tensor] = {}
     for t, g in pairs:
         mt, mg = (row_metrics(site, rows["saes"][r["key"]], r["d_sae"], w, w_steer) for r in (t, g))
-        for key in mt:
+        for key in (k for k in mt if k not in NOT_BOOTSTRAPPED):
             diff[key] = diff.get(key, 0) + (mg[key] - mt[key]) / len(pairs)
     return {key: [float(v.quantile(0.025)), float(v.quantile(0.975))] for key, v in diff.items()}
 
@@ -178,7 +184,8 @@ def table(entries: list[dict], interval: str = "t95") -> str:
             for b in betas:
                 e = by.get((layer, k, key, b))
                 if e is None or interval not in e:
-                    cells.append("n/a" if e is None else f"{_fmt(scale * e['diff_mean'])} (no interval)")
+                    why = "not bootstrapped" if interval == "boot95" and key in NOT_BOOTSTRAPPED else "no interval"
+                    cells.append("n/a" if e is None else f"{_fmt(scale * e['diff_mean'])} ({why})")
                     continue
                 lo, hi = e[interval]
                 star = "*" if lo > 0 or hi < 0 else ""

@@ -152,3 +152,21 @@ def test_store_resumes_and_refuses_other_settings(tmp_path):
 def test_grid_pairs_each_beta_after_its_topk():
     assert _grid([8], [0, 1], [0.5, 2.0]) == [(0, 8, "topk", None), (0, 8, "gsae", 0.5), (0, 8, "gsae", 2.0),
                                               (1, 8, "topk", None), (1, 8, "gsae", 0.5), (1, 8, "gsae", 2.0)]
+
+
+def test_paired_bootstrap_resamples_both_rules_alike():
+    # g-SAE's KL is TopK's + 0.03 nats in every row (3 predictions per row): every paired resample gives +0.01,
+    # while the unpaired KLs vary from resample to resample
+    site = {**_rows_site(), "x_sq": [1.0, 2.0, 3.0], "row_sum_gram": torch.eye(3).tolist()}
+    runs, saes = [], {}
+    for seed, kl in ((0, [0.1, 0.5, 0.9]), (1, [0.3, 0.2, 0.7])):
+        for rule, beta, shift in (("topk", None, 0.0), ("gsae", 1.0, 0.03)):
+            rec = _record(0, 8, seed, rule, beta, ce_recovered_zero=0.9, ce_recovered_mean=0.8, kl_spliced=0.0,
+                          fvu=0.2, dead_fraction=0.0, steering=0.1)
+            runs.append(rec)
+            saes[rec["key"]] = {"ce_spliced": [2.0, 3.0, 4.0], "kl": [v + shift for v in kl], "sq_err": [0.1] * 3,
+                                "never_fired": 0, "rare": {"0": [seed]}, "steer": [0.1, 0.2], "steer_n": [1.0, 1.0]}
+    entries = {e["metric"]: e for e in paired({"runs": runs}, {"sites": {"0": site}, "saes": saes}, n_boot=200)}
+    assert entries["kl_spliced"]["boot95"] == pytest.approx([0.01, 0.01])
+    assert entries["fvu"]["boot95"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert "boot95" not in entries["dead_fraction"]  # biased under resampling: not bootstrapped
