@@ -1,185 +1,263 @@
-"""TopK vs gradient-aware SAEs (g-SAE, Olmo et al. 2024) on every layer of a model, at several k and seeds.
+"""TopK vs gradient-aware SAEs (g-SAE, Olmo et al. 2024) on every layer's hook_z, at several k, betas and seeds.
 
 The question the g-SAE paper raises: at the same sparsity, does gradient-aware selection give
 reconstructions that are more faithful downstream (CE loss recovered, KL), fewer dead latents, and better
-steering than plain TopK? Everything here is measured on held-out rows with the same data for both rules:
-one model pass (with gradients) is harvested once, and every SAE trains from those same activations.
+steering than plain TopK? One model pass with gradients over the training rows is harvested once, and every
+SAE trains from those same activations; each g-SAE is paired with the TopK SAE of the same (layer, k, seed),
+which has the same initialisation and sees the same batches in the same order. All SAEs are evaluated on the
+same held-out rows, with TopK selection (no gradient at evaluation: a trained g-SAE is used as a TopK SAE,
+which is how it is saved). Metrics and steering: :mod:`.gsae_study_eval`; paired differences with 95%
+intervals, table and figure: :mod:`.gsae_study_stats`.
 
-Steering (the paper's measure, as we read it): for a latent i, its output direction is W_dec[i] mapped
-through W_O (hook_z), u_i. Adding ``alpha * ||attn_out|| * u_i/||u_i||`` to the layer's attention output at
-every non-BOS position changes the next-token distribution; the score is the increase in probability mass
-on the latent's top-10 direct-logit tokens (``u_i @ W_U``), averaged over the ``n_steer`` most frequently
-firing latents. Choices the paper leaves open are ours: alpha = 2 (in units of the mean attn_out norm),
-10 tokens, 32 latents.
+The g-SAE rule is :meth:`sae_lens_attn.sae.SAE.gsae_scores`: select the k largest
+``z_i * (1 + beta * |W_dec[i] . g|)``, z = ReLU(pre), g = dL/dx at the site for the summed next-token cross
+entropy (detached); kept values are the plain activations; latents with pre <= 0 keep their raw
+pre-activation as score, so beta = 0 is TopK exactly.
 
-Run (about 25 minutes on 2 CPU cores with the defaults)::
+Resumable: every finished (layer, k, seed, rule, beta) is written at once to ``results.json`` and its per-row
+sums to ``eval_rows.json`` (each written to a temp file and renamed over the old one); a rerun with the same
+settings skips what is there. The training text is the shipped sample (about 333k tokens); ``--tokens``
+beyond what is left after the evaluation rows is reached by further epochs, each in a fresh order.
 
-    python -m sae_lens_attn.analysis.gsae_study --out benchmarks/gsae_study
+Run (the committed results; hours on one CPU thread)::
+
+    python -m sae_lens_attn.analysis.gsae_study --tokens 1000000 --betas 0.5,1,2,4 --out benchmarks/gsae_study
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import statistics
+import math
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import einops
 import torch
 
 from sae_lens_attn.activations import epoch_batches, harvest_all
 from sae_lens_attn.data import token_rows
-from sae_lens_attn.evals import evaluate_sae
-from sae_lens_attn.models import SAMPLE_TEXT, bos_token_id, load_model, model_device
+from sae_lens_attn.files import atomic_write
+from sae_lens_attn.models import SAMPLE_TEXT, load_model, token_policy
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site
+from sae_lens_attn.spec import UnsupportedModelError, model_spec
 from sae_lens_attn.training.trainer import OptimConfig, Trainer
 
+from .gsae_study_eval import SteerConfig, sae_eval, site_eval
+from .gsae_study_stats import METRICS, figure, paired, row_metrics, run_key, table
 
-def output_directions(model, sae: SAE, site: Site) -> torch.Tensor:
-    """Each latent's direction in the residual stream: W_dec rows through W_O for hook_z sites."""
-    if site.kind == "attn_out":
-        return sae.W_dec.detach()
-    W_O = model.W_O[site.layer]  # [head, d_head, d_model]
-    dec = einops.rearrange(sae.W_dec.detach(), "f (h d) -> f h d", h=model.cfg.n_heads)
-    return torch.einsum("fhd,hdm->fm", dec, W_O)
+RESULTS, ROWS, PAIRED = "results.json", "eval_rows.json", "paired.json"
 
 
-@torch.no_grad()
-def steering_score(model, sae: SAE, site: Site, rows: torch.Tensor, density: torch.Tensor, alpha: float = 2.0,
-                   n_latents: int = 32, n_tokens: int = 10) -> float:
-    """Mean increase in next-token probability mass on each steered latent's top direct-logit tokens."""
-    dirs = output_directions(model, sae, site)
-    latents = density.argsort(descending=True)[:n_latents]
-    bos = bos_token_id(model)
-    rows = rows.to(model_device(model))
-    keep = rows != bos
-    hook = f"blocks.{site.layer}.hook_attn_out"
-    norms = []
-    with model.hooks(fwd_hooks=[(hook, lambda t, hook: norms.append(t[keep].norm(dim=-1).mean()))]):
-        clean_probs = model(rows).softmax(-1)
-    scale = alpha * float(torch.stack(norms).mean())
-    deltas = []
-    for i in latents.tolist():
-        u = dirs[i] / dirs[i].norm().clamp_min(1e-8)
-        top = (u @ model.W_U).topk(n_tokens).indices
+@dataclass
+class StudyConfig:
+    """Everything a result depends on besides (layer, k, seed, rule, beta); a rerun must match it to resume."""
 
-        def add(t, hook, u=u):
-            return t + scale * u * keep[..., None]
+    model: str | None = None
+    """Hub id or local dir; None: the embedded model."""
+    tokens: int = 1_000_000
+    """Training tokens per SAE (at least: whole batches, rounded up)."""
+    batch_size: int = 4096
+    expansion: int = 8
+    """d_sae = expansion * d_in."""
+    context_size: int = 128
+    eval_rows: int = 128
+    """Held-out rows (the first of a seed-0 shuffle of the sample text's rows); the rest train."""
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    dead_tokens: int = 100_000
+    """A latent not firing for this many training tokens is dead (AuxK then trains it)."""
+    steer: SteerConfig = field(default_factory=SteerConfig)
 
-        with model.hooks(fwd_hooks=[(hook, add)]):
-            probs = model(rows).softmax(-1)
-        mask = keep[:, :-1]
-        d = (probs[:, :-1, top].sum(-1) - clean_probs[:, :-1, top].sum(-1))[mask]
-        deltas.append(float(d.mean()))
-    return statistics.fmean(deltas)
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size", "expansion", "context_size", "eval_rows"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.steer.rows > self.eval_rows:
+            raise ValueError(f"steer rows ({self.steer.rows}) exceed eval_rows ({self.eval_rows}); lower --steer-rows")
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.tokens / self.batch_size)
 
 
-def run_study(model_name: str | None, ks: list[int], seeds: list[int], tokens: int, batch_size: int,
-              expansion: int, beta: float, context_size: int, eval_rows: int, out: Path) -> list[dict]:
-    model = load_model(model_name, device="cpu")
+class Store:
+    """``results.json`` (one record per SAE) and ``eval_rows.json`` (their per-row sums) in ``out``."""
+
+    def __init__(self, out: Path, settings: dict):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.results = {"settings": settings, "runs": []}
+        self.rows = {"settings": settings, "sites": {}, "saes": {}}
+        if (out / RESULTS).exists():
+            old = json.loads((out / RESULTS).read_text())
+            if not isinstance(old, dict) or "settings" not in old:
+                raise ValueError(f"{out / RESULTS} has no settings (an older study's file); move it away or use another --out")
+            if old["settings"] != settings:
+                diff = sorted(k for k in settings.keys() | old["settings"].keys() if settings.get(k) != old["settings"].get(k))
+                raise ValueError(f"{out / RESULTS} was made with other settings ({', '.join(diff)}); rerun with its "
+                                 "settings to resume, or use another --out")
+            self.results = old
+            if (out / ROWS).exists():
+                self.rows = json.loads((out / ROWS).read_text())
+
+    def done(self, key: str) -> bool:
+        return key in self.rows["saes"] and any(r["key"] == key for r in self.results["runs"])
+
+    def add(self, records: list[dict], rows: dict[str, dict], sites: dict[str, dict]) -> None:
+        self.rows["sites"] = sites
+        self.rows["saes"].update(rows)
+        keys = {r["key"] for r in records}
+        self.results["runs"] = [r for r in self.results["runs"] if r["key"] not in keys] + records
+        self._write(ROWS, self.rows)  # rows first: a record without its rows is redone
+        self._write(RESULTS, self.results)
+
+    def _write(self, name: str, obj: dict) -> None:
+        atomic_write(self.out / name, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=None if name == ROWS else 1)))
+
+
+def _record(key: str, layer: int, k: int, seed: int, rule: str, beta: float | None, d_sae: int, site: dict,
+            rows: dict) -> dict:
+    ones = torch.ones(1, len(site["n_tok"]), dtype=torch.float64)
+    m = row_metrics(site, rows, d_sae, ones, torch.ones(1, len(rows["steer"]), dtype=torch.float64))
+    n_tok = sum(site["n_tok"])
+    return {"key": key, "layer": layer, "k": k, "seed": seed, "rule": rule, "beta": beta, "d_sae": d_sae,
+            **{name: float(v[0]) for name, v in m.items()}, "l0": sum(rows["l0"]) / n_tok,
+            "ce_clean": sum(site["ce_clean"]) / sum(site["n_pred"]), "ce_spliced": sum(rows["ce_spliced"]) / sum(site["n_pred"])}
+
+
+def _grid(ks: list[int], seeds: list[int], betas: list[float]) -> list[tuple[int, int, str, float | None]]:
+    """Seed-major, so an interrupted run holds whole seeds; per (seed, k) TopK first, then each beta."""
+    return [(seed, k, rule, beta) for seed in seeds for k in ks
+            for rule, beta in [("topk", None), *(("gsae", b) for b in betas)]]
+
+
+def run_study(cfg: StudyConfig, ks: list[int], seeds: list[int], betas: list[float], out: Path) -> Store:
+    model = load_model(cfg.model, device="cpu")
+    if model_spec(model).kind != "causal":
+        raise UnsupportedModelError(
+            f"the g-SAE study needs a causal LM (next-token loss, its gradient and CE recovered); {cfg.model} is "
+            "an encoder: train and evaluate g-SAEs on it with sae-lens-attn train --sae gsae (masked-token loss) instead")
     sites = [Site(layer) for layer in range(model.cfg.n_layers)]
-    rows = token_rows(SAMPLE_TEXT, model.tokenizer, context_size, bos_token_id(model))
+    rows = token_rows(SAMPLE_TEXT, model.tokenizer, cfg.context_size, token_policy(model))
     rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))]
-    eval_r, train_r = rows[:eval_rows], rows[eval_rows:]
+    if rows.shape[0] <= cfg.eval_rows:
+        raise ValueError(f"the text gives {rows.shape[0]} rows, not more than eval_rows={cfg.eval_rows}; lower --eval-rows")
+    eval_r, train_r = rows[: cfg.eval_rows], rows[cfg.eval_rows :]
+    store = Store(out, dataclasses.asdict(cfg))
+    grid = _grid(ks, seeds, betas)
+    todo = [g for g in grid if not all(store.done(run_key(s.layer, g[1], g[0], g[2], g[3])) for s in sites)]
+    print(f"{len(grid) - len(todo)} of {len(grid)} trainings already in {out}; {len(todo)} to run", flush=True)
+    if not todo:
+        return store
+    t0 = time.time()
+    bases = {}
+    for s in sites:
+        bases[s] = site_eval(model, s, eval_r, cfg.steer, clean_logits=next(iter(bases.values())).clean_logits if bases else None)
+    sites_json = {str(s.layer): b.as_json() for s, b in bases.items()}
+    print(f"evaluation baselines in {time.time() - t0:.0f}s", flush=True)
     t0 = time.time()
     data = harvest_all(model, train_r, sites, with_grad=True)
-    print(f"harvested {next(iter(data.values())).acts.shape[0]:,} tokens with gradients in {time.time() - t0:.0f}s")
-    results = []
-    for k in ks:
-        for seed in seeds:
-            for rule in ("topk", "gsae"):
-                saes = {}
-                for s in sites:
-                    d_in = s.d_in(model.cfg)
-                    sae = SAE(SAEConfig(d_in=d_in, d_sae=expansion * d_in, k=k, selection=rule, gsae_beta=beta),
-                              init=False)
-                    sae.reset_parameters(torch.Generator().manual_seed(1000 * seed + s.layer))
-                    saes[s] = sae
-                cfg = OptimConfig(lr=2e-3, steps=max(1, tokens // batch_size), warmup_steps=20, dead_tokens=100_000)
-                t1 = time.time()
-                trainer = Trainer(saes, cfg)
-                trainer.fit(epoch_batches(data, batch_size, seed=seed))
-                train_s = time.time() - t1
-                for s, sae in saes.items():
-                    m, density = evaluate_sae(model, sae, s, eval_r)
-                    steer = steering_score(model, sae, s, eval_r[:16], density)
-                    rec = {"rule": rule, "k": k, "seed": seed, "layer": s.layer, "train_s": round(train_s, 1),
-                           "steering": steer, **m.as_dict()}
-                    results.append(rec)
-                    print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in rec.items()
-                                      if key in ("rule", "k", "seed", "layer", "l0", "fvu", "ce_recovered_zero",
-                                                 "kl_spliced", "dead_fraction", "steering", "train_s")}), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    return results
+    n_train = next(iter(data.values())).acts.shape[0]
+    print(f"harvested {n_train:,} tokens with gradients in {time.time() - t0:.0f}s; {cfg.steps} steps of "
+          f"{cfg.batch_size} = {cfg.steps * cfg.batch_size:,} tokens per SAE ({cfg.steps * cfg.batch_size / n_train:.2f} epochs)",
+          flush=True)
+    spent: dict[str, list[float]] = {"topk": [], "gsae": []}
+    for i, (seed, k, rule, beta) in enumerate(todo):
+        t1 = time.time()
+        saes = {}
+        for s in sites:
+            d_in = s.d_in(model.cfg)
+            sae = SAE(SAEConfig(d_in=d_in, d_sae=cfg.expansion * d_in, k=k, selection=rule,
+                                gsae_beta=1.0 if beta is None else beta), init=False)
+            sae.reset_parameters(torch.Generator().manual_seed(1000 * seed + s.layer))  # same init for both rules
+            saes[s] = sae
+        optim = OptimConfig(lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, dead_tokens=cfg.dead_tokens)
+        Trainer(saes, optim).fit(epoch_batches(data, cfg.batch_size, seed=seed))  # same batch order for both rules
+        train_s = time.time() - t1
+        records, rows_json = [], {}
+        for s, sae in saes.items():
+            t2 = time.time()
+            key = run_key(s.layer, k, seed, rule, beta)
+            rows_json[key] = sae_eval(model, sae, bases[s], cfg.steer).as_json()
+            rec = _record(key, s.layer, k, seed, rule, beta, sae.cfg.d_sae, sites_json[str(s.layer)], rows_json[key])
+            rec.update(train_s=round(train_s, 1), eval_s=round(time.time() - t2, 1), threads=torch.get_num_threads(),
+                       load_1min=round(os.getloadavg()[0], 2), train_tokens=cfg.steps * cfg.batch_size,
+                       finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            records.append(rec)
+        store.add(records, rows_json, sites_json)
+        spent[rule].append(time.time() - t1)
+        left = sum(_mean(spent[r] or spent["topk"] or spent["gsae"]) for _, _, r, _ in todo[i + 1 :])
+        for rec in records:
+            print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in rec.items()
+                              if key in ("key", "l0", "fvu", "ce_recovered_zero", "kl_spliced", "dead_fraction",
+                                         "steering", "train_s", "eval_s", "load_1min")}), flush=True)
+        print(f"[{i + 1}/{len(todo)}] {rule} beta={beta} k={k} seed={seed}: {time.time() - t1:.0f}s; "
+              f"about {left / 60:.0f} min left", flush=True)
+    return store
 
 
-def summarise(results: list[dict]) -> str:
-    """Markdown table: mean ± std over seeds for each (layer, k, rule)."""
-    keys = ("ce_recovered_zero", "ce_recovered_mean", "kl_spliced", "fvu", "dead_fraction", "steering", "l0")
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["layer"], r["k"], r["rule"]), []).append(r)
-    head = "| layer | k | rule | seeds | " + " | ".join(keys) + " |"
-    lines = [head, "|" + "---|" * (4 + len(keys))]
-    for (layer, k, rule), rs in sorted(groups.items()):
-        cells = []
-        for key in keys:
-            vals = [r[key] for r in rs]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.fmean(vals):.4f} ± {sd:.4f}")
-        lines.append(f"| {layer} | {k} | {rule} | {len(rs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
 
 
-def figure(results: list[dict], path: Path) -> None:
-    """CE loss recovered against L0, one trace per (rule, layer), error bars over seeds."""
-    import plotly.graph_objects as go
+def report(out: Path, n_boot: int = 2000) -> str:
+    """paired.json, table.md and the figure from the files in ``out``; returns the table."""
+    results = json.loads((out / RESULTS).read_text())
+    rows = json.loads((out / ROWS).read_text()) if (out / ROWS).exists() else None
+    entries = paired(results, rows, n_boot=n_boot)
+    if not entries:
+        raise ValueError(f"{out / RESULTS} has no g-SAE run with its TopK pair; run the study first")
+    (out / PAIRED).write_text(json.dumps({"n_boot": n_boot, "metrics": [m[0] for m in METRICS], "entries": entries}, indent=1))
+    text = ("Paired difference g-SAE - TopK (same layer, k, seed), mean over seeds [95% t-interval over seeds, "
+            "df = n - 1]; * where the interval excludes 0.\n\n" + table(entries, "t95"))
+    if rows is not None:
+        text += ("\n\nThe same differences with a 95% paired bootstrap over evaluation rows (SAEs fixed; "
+                 f"{n_boot} resamples, percentile interval): evaluation noise only.\n\n" + table(entries, "boot95"))
+    (out / "table.md").write_text(text + "\n")
+    png = figure(entries, out / "gsae_vs_topk.html")
+    print(f"wrote {out / PAIRED}, {out / 'table.md'}, {out / 'gsae_vs_topk.html'}" + (f", {png}" if png else " (no PNG: kaleido absent)"))
+    return text
 
-    fig = go.Figure()
-    for rule in ("topk", "gsae"):
-        for layer in sorted({r["layer"] for r in results}):
-            pts = {}
-            for r in results:
-                if r["rule"] == rule and r["layer"] == layer:
-                    pts.setdefault(r["k"], []).append(r)
-            ks = sorted(pts)
-            x = [statistics.fmean(r["l0"] for r in pts[k]) for k in ks]
-            y = [statistics.fmean(r["ce_recovered_zero"] for r in pts[k]) for k in ks]
-            e = [statistics.stdev([r["ce_recovered_zero"] for r in pts[k]]) if len(pts[k]) > 1 else 0 for k in ks]
-            fig.add_trace(go.Scatter(x=x, y=y, error_y={"type": "data", "array": e}, mode="lines+markers",
-                                     name=f"{rule} layer {layer}"))
-    fig.update_layout(title="CE loss recovered (zero-ablation baseline) vs L0", xaxis_title="L0",
-                      yaxis_title="CE loss recovered", xaxis_type="log")
-    fig.write_html(path, include_plotlyjs="cdn")
-    try:
-        fig.write_image(path.with_suffix(".png"))
-    except Exception:  # kaleido is optional
-        pass
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
 
 
 def main(argv: list[str] | None = None) -> None:
+    d = StudyConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="hub id or local dir (default: the embedded model)")
     p.add_argument("--ks", default="8,16,32")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per SAE")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--expansion", type=int, default=8)
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--context-size", type=int, default=128)
-    p.add_argument("--eval-rows", type=int, default=64)
+    p.add_argument("--betas", default="0.5,1,2,4", help="g-SAE betas; each g-SAE is paired with the TopK SAE")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="training tokens per SAE")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--expansion", type=int, default=d.expansion)
+    p.add_argument("--context-size", type=int, default=d.context_size)
+    p.add_argument("--eval-rows", type=int, default=d.eval_rows)
+    p.add_argument("--steer-rows", type=int, default=d.steer.rows, help="evaluation rows the steering passes use")
+    p.add_argument("--steer-latents", type=int, default=d.steer.n_latents)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else torch's)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the second interval")
+    p.add_argument("--report-only", action="store_true", help="only rebuild paired.json, table.md and the figure")
     p.add_argument("--out", default="benchmarks/gsae_study")
     a = p.parse_args(argv)
+    threads = a.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(a.out)
-    results = run_study(a.model, [int(k) for k in a.ks.split(",")], [int(s) for s in a.seeds.split(",")], a.tokens,
-                        a.batch_size, a.expansion, a.beta, a.context_size, a.eval_rows, out)
-    table = summarise(results)
-    (out / "table.md").write_text(table + "\n")
-    figure(results, out / "ce_recovered_vs_l0.html")
-    print(table)
+    if not a.report_only:
+        cfg = StudyConfig(model=a.model, tokens=a.tokens, batch_size=a.batch_size, expansion=a.expansion,
+                          context_size=a.context_size, eval_rows=a.eval_rows,
+                          steer=SteerConfig(rows=a.steer_rows, n_latents=a.steer_latents))
+        t0 = time.time()
+        run_study(cfg, _ints(a.ks), _ints(a.seeds), [float(b) for b in a.betas.split(",") if b], out)
+        print(f"study done in {time.time() - t0:.0f}s on {torch.get_num_threads()} thread(s)", flush=True)
+    print(report(out, a.n_boot))
 
 
 if __name__ == "__main__":
