@@ -39,7 +39,7 @@ import torch
 
 from sae_lens_attn.activations import epoch_batches, harvest_all
 from sae_lens_attn.data import token_rows
-from sae_lens_attn.files import atomic_write
+from sae_lens_attn.files import ensure_dir, write_json, write_text
 from sae_lens_attn.models import SAMPLE_TEXT, load_model, token_policy
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site
@@ -89,7 +89,7 @@ class Store:
 
     def __init__(self, out: Path, settings: dict):
         self.out = out
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out)
         self.results = {"settings": settings, "runs": []}
         self.rows = {"settings": settings, "sites": {}, "saes": {}}
         if (out / RESULTS).exists():
@@ -116,7 +116,7 @@ class Store:
         self._write(RESULTS, self.results)
 
     def _write(self, name: str, obj: dict) -> None:
-        atomic_write(self.out / name, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=None if name == ROWS else 1)))
+        write_json(self.out / name, obj, indent=None if name == ROWS else 1)
 
 
 def _record(key: str, layer: int, k: int, seed: int, rule: str, beta: float | None, d_sae: int, site: dict,
@@ -211,13 +211,13 @@ def report(out: Path, n_boot: int = 2000) -> str:
     entries = paired(results, rows, n_boot=n_boot)
     if not entries:
         raise ValueError(f"{out / RESULTS} has no g-SAE run with its TopK pair; run the study first")
-    (out / PAIRED).write_text(json.dumps({"n_boot": n_boot, "metrics": [m[0] for m in METRICS], "entries": entries}, indent=1))
+    write_json(out / PAIRED, {"n_boot": n_boot, "metrics": [m[0] for m in METRICS], "entries": entries}, indent=1)
     text = ("Paired difference g-SAE - TopK (same layer, k, seed), mean over seeds [95% t-interval over seeds, "
             "df = n - 1]; * where the interval excludes 0.\n\n" + table(entries, "t95"))
     if rows is not None:
         text += ("\n\nThe same differences with a 95% paired bootstrap over evaluation rows (SAEs fixed; "
                  f"{n_boot} resamples, percentile interval): evaluation noise only.\n\n" + table(entries, "boot95"))
-    (out / "table.md").write_text(text + "\n")
+    write_text(out / "table.md", text + "\n")
     png = figure(entries, out / "gsae_vs_topk.html")
     print(f"wrote {out / PAIRED}, {out / 'table.md'}, {out / 'gsae_vs_topk.html'}" + (f", {png}" if png else " (no PNG: kaleido absent)"))
     return text

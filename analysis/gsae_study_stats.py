@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from sae_lens_attn.files import write_bytes, write_text
+
 #: (key in the results, label, scale, unit) in the table's order; the table shows value * scale in unit.
 METRICS = (
     ("ce_recovered_zero", "CE recovered (zero abl.)", 100, "%"),
@@ -223,10 +225,11 @@ def figure(entries: list[dict], path: Path) -> Path | None:
         fig.update_xaxes(type="log", title_text="beta", row=mi // 3 + 1, col=mi % 3 + 1)
     fig.update_layout(title="g-SAE minus TopK (paired by layer, k, seed): mean over seeds, 95% t-interval",
                       height=750, width=1300)
-    fig.write_html(path, include_plotlyjs="cdn")
+    write_text(path, fig.to_html(include_plotlyjs="cdn"))
     png = path.with_suffix(".png")
     try:
-        fig.write_image(png)
+        image = fig.to_image(format="png")
     except Exception:  # kaleido (and a browser for it) is optional; the HTML is the figure
         return None
+    write_bytes(png, image)
     return png
