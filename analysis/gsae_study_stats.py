@@ -207,6 +207,7 @@ def figure(entries: list[dict], path: Path) -> Path | None:
 
     fig = make_subplots(rows=2, cols=3, subplot_titles=[f"{label} ({unit})" for _, label, _, unit in METRICS])
     groups = sorted({(e["layer"], e["k"]) for e in entries})
+    betas = sorted({e["beta"] for e in entries})  # the log axis is ticked at the betas themselves
     for gi, (layer, k) in enumerate(groups):
         for mi, (key, _, scale, _) in enumerate(METRICS):
             es = sorted((e for e in entries if (e["layer"], e["k"], e["metric"]) == (layer, k, key)),
@@ -222,7 +223,8 @@ def figure(entries: list[dict], path: Path) -> Path | None:
                           row=mi // 3 + 1, col=mi % 3 + 1)
     for mi in range(len(METRICS)):
         fig.add_hline(y=0, line_dash="dot", line_color="grey", row=mi // 3 + 1, col=mi % 3 + 1)
-        fig.update_xaxes(type="log", title_text="beta", row=mi // 3 + 1, col=mi % 3 + 1)
+        fig.update_xaxes(type="log", title_text="beta", tickvals=betas, ticktext=[f"{b:g}" for b in betas],
+                         row=mi // 3 + 1, col=mi % 3 + 1)
     fig.update_layout(title="g-SAE minus TopK (paired by layer, k, seed): mean over seeds, 95% t-interval",
                       height=750, width=1300)
     write_text(path, fig.to_html(include_plotlyjs="cdn"))
