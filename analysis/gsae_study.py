@@ -71,6 +71,10 @@ class StudyConfig:
     dead_tokens: int = 100_000
     """A latent not firing for this many training tokens is dead (AuxK then trains it)."""
     steer: SteerConfig = field(default_factory=SteerConfig)
+    dataset: str | None = None
+    """Training text (file or folder; see :func:`~sae_lens_attn.data.token_rows`) instead of the rest of the
+    sample: about ``tokens`` distinct tokens, one epoch. The evaluation rows stay the sample's held-out rows,
+    so the dataset must not contain the sample's plays."""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "expansion", "context_size", "eval_rows"):
@@ -96,8 +100,8 @@ class Store:
             old = json.loads((out / RESULTS).read_text())
             if not isinstance(old, dict) or "settings" not in old:
                 raise ValueError(f"{out / RESULTS} has no settings (an older study's file); move it away or use another --out")
-            if old["settings"] != settings:
-                diff = sorted(k for k in settings.keys() | old["settings"].keys() if settings.get(k) != old["settings"].get(k))
+            diff = sorted(k for k in settings.keys() | old["settings"].keys() if settings.get(k) != old["settings"].get(k))
+            if diff:  # a setting added since (absent there) counts as its default, None
                 raise ValueError(f"{out / RESULTS} was made with other settings ({', '.join(diff)}); rerun with its "
                                  "settings to resume, or use another --out")
             self.results = old
@@ -147,6 +151,10 @@ def run_study(cfg: StudyConfig, ks: list[int], seeds: list[int], betas: list[flo
     if rows.shape[0] <= cfg.eval_rows:
         raise ValueError(f"the text gives {rows.shape[0]} rows, not more than eval_rows={cfg.eval_rows}; lower --eval-rows")
     eval_r, train_r = rows[: cfg.eval_rows], rows[cfg.eval_rows :]
+    if cfg.dataset is not None:
+        per_row = cfg.context_size - token_policy(model).n_structural
+        train_r = token_rows(cfg.dataset, model.tokenizer, cfg.context_size, token_policy(model),
+                             max_rows=math.ceil(cfg.steps * cfg.batch_size / per_row))
     store = Store(out, dataclasses.asdict(cfg))
     grid = _grid(ks, seeds, betas)
     todo = [g for g in grid if not all(store.done(run_key(s.layer, g[1], g[0], g[2], g[3])) for s in sites)]
@@ -244,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else torch's)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the second interval")
     p.add_argument("--report-only", action="store_true", help="only rebuild paired.json, table.md and the figure")
+    p.add_argument("--dataset", default=None, help="training text (file or folder) instead of the rest of the "
+                   "shipped sample, one epoch of distinct tokens; evaluation stays on the sample's held-out rows")
     p.add_argument("--out", default="benchmarks/gsae_study")
     a = p.parse_args(argv)
     threads = a.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.report_only:
         cfg = StudyConfig(model=a.model, tokens=a.tokens, batch_size=a.batch_size, expansion=a.expansion,
                           context_size=a.context_size, eval_rows=a.eval_rows,
-                          steer=SteerConfig(rows=a.steer_rows, n_latents=a.steer_latents))
+                          steer=SteerConfig(rows=a.steer_rows, n_latents=a.steer_latents), dataset=a.dataset)
         t0 = time.time()
         run_study(cfg, _ints(a.ks), _ints(a.seeds), [float(b) for b in a.betas.split(",") if b], out)
         print(f"study done in {time.time() - t0:.0f}s on {torch.get_num_threads()} thread(s)", flush=True)

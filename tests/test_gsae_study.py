@@ -146,6 +146,10 @@ def test_store_resumes_and_refuses_other_settings(tmp_path):
     assert again.done(rec["key"]) and not again.done(run_key(0, 8, 1, "topk", None))
     with pytest.raises(ValueError, match=r"other settings \(tokens\)"):
         Store(tmp_path, {"tokens": 200, "eval_rows": 4})
+    # a setting added since (the dataset) resumes an older study at its default, and refuses any other value
+    assert Store(tmp_path, {**settings, "dataset": None}).done(rec["key"])
+    with pytest.raises(ValueError, match=r"other settings \(dataset\)"):
+        Store(tmp_path, {**settings, "dataset": "plays/"})
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
