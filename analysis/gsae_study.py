@@ -22,6 +22,11 @@ beyond what is left after the evaluation rows is reached by further epochs, each
 Run (the committed results; hours on one CPU thread)::
 
     python -m sae_lens_attn.analysis.gsae_study --tokens 1000000 --betas 0.5,1,2,4 --out benchmarks/gsae_study
+
+and on 1M distinct tokens (``--dataset``: a folder of the model's training texts, without the held-out plays)::
+
+    python -m sae_lens_attn.analysis.gsae_study --tokens 1000000 --ks 8,16 --betas 1,4 --dataset <folder> \
+        --out benchmarks/gsae_study_distinct
 """
 
 from __future__ import annotations

@@ -233,3 +233,29 @@ def test_encoder_family(tmp_path):
     assert "components" in d["rdfa"]  # post-norm RDFA is exact
     with pytest.raises(ValueError, match="encoder: it has no next token"):
         s.steer(text, "L1.z", f, 1.0)
+
+
+def test_grouped_query_family_without_output_bias(tmp_path):
+    """Llama with 2 key/value heads for 4 query heads and no b_O: the explorer's DFA (by head, by source)
+    equals the analysis API's, sums to the pre-activation, and steering runs (a causal LM)."""
+    from sae_lens_attn import load_model
+
+    from .families import build
+
+    model = load_model(build("llama", tmp_path / "llama"), device="cpu")
+    spec = model_spec(model)
+    assert spec.n_kv_heads < spec.n_heads and not spec.has_b_O
+    saes = [random_sae(model, Site(0), 16, 5), random_sae(model, Site(1, "attn_out"), 16, 6, k=3)]
+    s = ExplorerSession(model, saes)
+    res = s.analyze(TEXT)
+    pos = 6
+    for entry, site in zip(res["saes"], (Site(0), Site(1, "attn_out"))):
+        f = entry["features"][pos][0]
+        d = s.feature(TEXT, entry["id"], f, pos)
+        ref = dfa_by_source(model, s.saes[entry["id"]].sae, TEXT, [f], site)
+        assert _close(d["act"], ref.acts[0, pos, 0])
+        assert _close(d["dfa_by_head"], ref.by_head[0, pos, :, 0])
+        assert _close(d["dfa_by_source"], ref.by_source[0, pos, :, : pos + 1, 0])
+        assert _close(sum(d["dfa_by_head"]) + d["bias"], d["pre"])
+    st = s.steer(TEXT, res["saes"][1]["id"], res["saes"][1]["features"][pos][0], 2.0, n_tokens=2, top=3)
+    assert len(st["continuation"]["steered_ids"]) == 2 and st["kl"] >= 0
