@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sae_lens_attn.activations import harvest, splice
 from sae_lens_attn.models import model_device, token_policy
+from sae_lens_attn.objective import kl_per_position, token_losses
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 from sae_lens_attn.spec import model_spec
@@ -109,9 +109,7 @@ class SAEEval:
 
 def _row_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Next-token CE summed per row (float64), as evaluate_sae sums it."""
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1),
-                         reduction="none")
-    return ce.view(tokens.shape[0], -1).sum(1)
+    return token_losses(logits[:, :-1], tokens[:, 1:]).sum(1)
 
 
 @torch.no_grad()
@@ -146,14 +144,10 @@ def site_eval(model, site: Site, rows: torch.Tensor, steer: SteerConfig, batch_r
 
 
 def _attn_out_norm(model, layer: int, rows: torch.Tensor) -> float:
-    """Mean ||attn_out|| over the non-BOS positions of ``rows`` at ``layer``."""
-    rows = rows.to(model_device(model))
-    keep = token_policy(model).keep(rows)
-    norms = []
-    hook = model_spec(model).capture_hook(Site(layer, "attn_out"))
-    with model.hooks(fwd_hooks=[(hook, lambda t, hook: norms.append(t[keep].norm(dim=-1)))]):
-        model(rows, return_type=None, stop_at_layer=layer + 1)
-    return float(torch.cat(norms).mean())
+    """Mean ||attn_out|| over the kept (non-BOS) positions of ``rows`` at ``layer``."""
+    site = Site(layer, "attn_out")
+    h = harvest(model, rows, [site])
+    return float(h.acts[site][h.mask].norm(dim=-1).mean())
 
 
 @torch.no_grad()
@@ -187,9 +181,7 @@ def sae_eval(model, sae: SAE, base: SiteEval, steer: SteerConfig, batch_rows: in
         with splice(model, site, recon, token_policy(model).keep(chunk)):
             logits = model(chunk, return_type="logits").cpu()
         ce_spl.append(_row_ce(logits, chunk.cpu()))
-        lp_clean = F.log_softmax(base.clean_logits[i : i + len(chunk), :-1].double(), -1)
-        lp_spl = F.log_softmax(logits[:, :-1].double(), -1)
-        kl.append((lp_clean.exp() * (lp_clean - lp_spl)).sum((1, 2)))
+        kl.append(kl_per_position(base.clean_logits[i : i + len(chunk), :-1], logits[:, :-1]).sum(1))
     density = counts / base.n_tok.sum()
     rows_fired = fired.sum(0)
     rare_ids = ((rows_fired > 0) & (rows_fired <= RARE_ROW_SHARE * R)).nonzero()[:, 0]
