@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from sae_lens_attn.objective import kl_per_position
 from sae_lens_attn.spec import UnsupportedModelError
 from sae_lens_attn.steering import steer
 
@@ -73,7 +74,7 @@ def steer_prompt(session, text: str, sae_id: str, feature: int, coefficient: flo
         "vector_norm": float(vec.norm()),
         "clean": _top(session, p_clean, top), "steered": _top(session, p_steer, top),
         "increased": changes(up.indices), "decreased": changes(down.indices),
-        "kl": float((p_clean * (lp_clean - lp_steer)).sum()),
+        "kl": float(kl_per_position(clean_logits, steered_logits)),
         "continuation": {"clean": decode(clean_cont), "steered": decode(steered_cont),
                          "clean_ids": clean_cont, "steered_ids": steered_cont},
     }
