@@ -185,9 +185,8 @@ def run_analyze(args) -> int:
 
 def run_dashboard(args) -> int:
     from .dashboard import DashboardConfig, write_dashboards
-    from .dashboard_select import default_features
+    from .dashboard_select import default_features, induction_scores_or_none
     from .features import StatsConfig, feature_stats
-    from .induction import feature_induction_scores, max_repeat_length
 
     model, sae, site, rows, features = _load(args)
     for name in ("n_features", "n_induction"):
@@ -195,12 +194,13 @@ def run_dashboard(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     stats = feature_stats(model, sae, rows, features=features, site=site,
                           cfg=StatsConfig(batch_rows=args.batch_rows, seed=args.seed))
-    scores = feature_induction_scores(model, sae, seed=args.seed, features=stats.features, site=site,
-                                      length=max_repeat_length(model))
+    scores = induction_scores_or_none(model, sae, site, stats, seed=args.seed)  # None: refused for this model
     if features is None:
         features = default_features(stats, args.n_features, scores, args.n_induction)
-    mass = dict(zip(scores.features.tolist(), scores.mass_second.tolist()))
-    extra = {"induction mass": {f: mass[f] for f in features}}
+    extra = None
+    if scores is not None:
+        mass = dict(zip(scores.features.tolist(), scores.mass_second.tolist()))
+        extra = {"induction mass": {f: mass[f] for f in features}}
     out = args.out or str(Path("dashboards") / site.label)
     files = write_dashboards(model, sae, stats, out, features, site, DashboardConfig(plotlyjs=args.plotlyjs), extra)
     print(f"wrote {len(files.pages)} feature pages; open {files.index.resolve()}")

@@ -70,6 +70,23 @@ def test_dashboard_writes_pages_and_index(saved, capsys):
     assert not (root / "two" / "plotly.min.js").exists()
 
 
+def test_dashboard_without_induction_scores_where_the_model_refuses_them(saved, monkeypatch, capsys):
+    """As write_dashboards does: a model whose policy has no start token gets pages, no induction column."""
+    from sae_lens_attn.analysis import dashboard_select
+    from sae_lens_attn.spec import UnsupportedModelError
+
+    def refuse(*a, **kw):
+        raise UnsupportedModelError("induction scores index positions from a start token")
+
+    monkeypatch.setattr(dashboard_select, "feature_induction_scores", refuse)
+    root, sae_dir, text = saved
+    out = root / "no_induction"
+    rc = main(["dashboard", "--sae", str(sae_dir), "--dataset", str(text), "--tokens", "128", "--n-features", "2",
+               "--out", str(out)])
+    assert rc == 0 and "wrote 2 feature pages" in capsys.readouterr().out
+    assert "induction mass" not in (out / "index.html").read_text()
+
+
 def test_dashboard_default_choice_is_a_density_spread_plus_induction_features(saved, tiny_neox, capsys):
     from sae_lens_attn.analysis.dashboard_select import density_spread, most_induction_like
     from sae_lens_attn.analysis.features import StatsConfig, feature_stats
