@@ -4,18 +4,19 @@ Rows follow :mod:`sae_lens_attn.tokens`: ``[BOS] body`` for causal LMs (EOS stan
 has no BOS), ``[CLS] body [SEP]`` for encoders, the bare body where the tokenizer has neither. Documents are
 joined with the policy's separator (BOS, or SEP for encoders) before the stream is cut into bodies.
 
-Sources: a local text file, a ``.jsonl`` file (a ``text`` field per line), a folder of those, a Hugging
-Face ``datasets`` directory saved with ``save_to_disk``, a hub dataset id (``datasets.load_dataset``, where
-the network allows it), or token arrays already made (``.npy`` / ``.pt`` / ``.safetensors``).
+Sources (read lazily by :mod:`sae_lens_attn.texts`): a local text file, a ``.jsonl`` file (a ``text``
+field per line), a folder of those, a Hugging Face ``datasets`` directory saved with ``save_to_disk``, a
+hub dataset id (streamed), token arrays already made (``.npy`` / ``.pt`` / ``.safetensors``), or a folder of
+token shards written by ``sae-lens-attn tokenize`` (:mod:`sae_lens_attn.shards`).
+
+Packing is linear in the tokens: each batch of pieces is tokenized in one call (the fast tokenizer spreads
+it over its threads), its ids are appended to a carry of fewer than one row's tokens, and whole rows are
+cut from the front with one reshape; nothing re-slices a growing buffer.
 """
 
 from __future__ import annotations
 
-import codecs
-import json
 import os
-import threading
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,134 +24,20 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
+from .texts import (  # noqa: F401  (re-exported: the data API's names)
+    MAX_UNDECODABLE_SHARE,
+    TEXT_SUFFIXES,
+    EmptyDatasetError,
+    NotTextError,
+    Piece,
+    check_text_source,
+    iter_pieces,
+    iter_texts,
+    read_text_file,
+)
 from .tokens import TokenPolicy, causal_policy
 
-TEXT_SUFFIXES = (".txt", ".md")
 TOKEN_SUFFIXES = (".npy", ".pt", ".safetensors")
-#: A text file with a larger share of bytes that do not decode is refused as not text (in that encoding).
-MAX_UNDECODABLE_SHARE = 0.01
-_WIDE = ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")  # codecs whose text has NULs
-
-
-class EmptyDatasetError(ValueError):
-    """The data source held no text (or too few tokens for one row)."""
-
-
-class NotTextError(ValueError):
-    """A file read as text is not text in the given encoding (binary, or another encoding)."""
-
-
-_undecodable = threading.local()
-
-
-def _count_undecodable(err: UnicodeDecodeError) -> tuple[str, int]:
-    _undecodable.n += err.end - err.start
-    return "\ufffd", err.end
-
-
-codecs.register_error("sae_lens_attn.count", _count_undecodable)
-
-
-def read_text_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
-    """A text file's contents; :class:`NotTextError` naming the file when it holds NUL bytes (a binary
-    file) or more than ``MAX_UNDECODABLE_SHARE`` of bytes that do not decode in ``encoding``. A few such
-    bytes are replaced by U+FFFD, with a warning naming the file and the count."""
-    path = Path(path)
-    data = path.read_bytes()
-    wide = codecs.lookup(encoding).name in _WIDE
-    if not wide and b"\x00" in data:
-        raise NotTextError(
-            f"{path} is not a text file: it holds {data.count(0):,} NUL byte(s), the first at byte {data.index(0):,}, "
-            "as binary files do. Pass a text or jsonl file (or token ids as .npy/.pt/.safetensors); if it is "
-            "UTF-16/32 text, pass its --encoding"
-        )
-    _undecodable.n = 0
-    text = data.decode(encoding, errors="sae_lens_attn.count")
-    bad = _undecodable.n
-    if bad and bad > MAX_UNDECODABLE_SHARE * len(data):
-        raise NotTextError(
-            f"{path} is not {encoding} text: {bad:,} of its {len(data):,} bytes ({bad / len(data):.1%}) do not "
-            f"decode. If it is text in another encoding, pass it with --encoding (e.g. latin-1, cp1252); if it "
-            "is not text, pass a text or jsonl file instead"
-        )
-    if bad:
-        warnings.warn(f"{path}: {bad:,} byte(s) do not decode as {encoding} and were replaced by U+FFFD; pass "
-                      "--encoding if the file is in another encoding", stacklevel=2)
-    return text
-
-
-def _iter_jsonl(path: Path, text_field: str, encoding: str = "utf-8") -> Iterator[str]:
-    for lineno, line in enumerate(read_text_file(path, encoding).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-        if text_field not in rec:
-            raise ValueError(f"{path}:{lineno}: no {text_field!r} field; pass text_field= the field holding text")
-        yield str(rec[text_field])
-
-
-def _is_hf_dataset_dir(p: Path) -> bool:
-    return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists()
-
-
-def iter_texts(
-    source: str | os.PathLike, text_field: str = "text", split: str = "train", encoding: str = "utf-8"
-) -> Iterator[str]:
-    """Yield documents from a file, a folder, a saved HF dataset, or a hub dataset id. Local text and jsonl
-    files are read in ``encoding`` and must be text (:func:`read_text_file`)."""
-    p = Path(source).expanduser()
-    if p.is_file():
-        if p.suffix == ".jsonl":
-            yield from _iter_jsonl(p, text_field, encoding)
-        else:
-            yield read_text_file(p, encoding)
-        return
-    if p.is_dir():
-        if _is_hf_dataset_dir(p):
-            yield from _iter_hf(str(p), text_field, split, local=True)
-            return
-        files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl"))
-        if not files:
-            raise EmptyDatasetError(f"dataset folder {p} holds no .txt, .md or .jsonl files")
-        for f in files:
-            yield from iter_texts(f, text_field, encoding=encoding)
-        return
-    if str(source).startswith((".", "/", "~")) or os.sep in str(source) and not _looks_like_hub_id(str(source)):
-        raise FileNotFoundError(f"dataset {source!r} does not exist")
-    yield from _iter_hf(str(source), text_field, split, local=False)
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    return s.count("/") == 1 and not s.startswith((".", "/"))
-
-
-def _iter_hf(source: str, text_field: str, split: str, local: bool) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError("reading Hugging Face datasets needs `pip install sae-lens-attn[datasets]`") from err
-    if local:
-        ds = datasets.load_from_disk(source)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"dataset {source} has splits {list(ds)}, not {split!r}; pass split=")
-            ds = ds[split]
-    else:
-        try:
-            ds = datasets.load_dataset(source, split=split, streaming=True)
-        except Exception as err:
-            raise OSError(
-                f"could not open dataset {source!r}: not a local path, and the hub could not serve it ({err}). "
-                "Pass a local text/jsonl file or folder, or a directory saved with Dataset.save_to_disk"
-            ) from err
-    for rec in ds:
-        if text_field not in rec:
-            raise ValueError(f"dataset {source} has no {text_field!r} column; pass text_field= (columns: {list(rec)})")
-        yield str(rec[text_field])
-
 
 def load_token_array(path: str | os.PathLike) -> torch.Tensor:
     """Token ids saved as .npy / .pt / .safetensors (key ``tokens``): 1-D stream or 2-D rows."""
@@ -181,42 +68,110 @@ def as_policy(start: TokenPolicy | int | None) -> TokenPolicy:
     return start if isinstance(start, TokenPolicy) else causal_policy(start)
 
 
-def iter_token_rows(
-    texts: Iterable[str],
-    tokenizer,
-    n_ctx: int,
-    policy: TokenPolicy | int | None,
-    batch_docs: int = 64,
-) -> Iterator[torch.Tensor]:
-    """Pack documents into rows of ``n_ctx`` tokens framed by ``policy`` (a TokenPolicy, or a BOS id).
+#: Characters of text tokenized per tokenizer call (a batch of pieces).
+BATCH_CHARS = 1 << 20
+#: Pieces per tokenizer call at most.
+BATCH_PIECES = 256
 
-    Documents are joined with the policy's separator (the usual packing of GPT-2 and Pythia), then cut.
+
+def _as_pieces(texts: Iterable[str] | Iterable[Piece]) -> Iterator[Piece]:
+    for t in texts:
+        if isinstance(t, Piece):
+            yield t
+        elif t:
+            yield Piece(t, True)
+
+
+def _piece_batches(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:
+    batch: list[Piece] = []
+    chars = 0
+    for piece in pieces:
+        if not piece.text and not piece.last:
+            continue
+        batch.append(piece)
+        chars += len(piece.text)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_PIECES:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _stream_ids(batch: list[Piece], tokenizer, sep: np.ndarray) -> np.ndarray:
+    """The batch's token ids as one int64 stream, the separator after each document's last piece."""
+    texts = [p.text for p in batch]
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    parts = []
+    for piece, one in zip(batch, ids, strict=True):
+        parts.append(np.asarray(one, dtype=np.int64))
+        if piece.last and sep.size:
+            parts.append(sep)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def _frame(bodies: np.ndarray, policy: TokenPolicy) -> np.ndarray:
+    """``[start] body [end]`` on every row of ``bodies`` ([rows, body])."""
+    cols = []
+    if policy.start is not None:
+        cols.append(np.full((bodies.shape[0], 1), policy.start, dtype=np.int64))
+    cols.append(bodies)
+    if policy.end is not None:
+        cols.append(np.full((bodies.shape[0], 1), policy.end, dtype=np.int64))
+    return np.concatenate(cols, axis=1) if len(cols) > 1 else bodies
+
+
+def iter_row_blocks(
+    texts: Iterable[str] | Iterable[Piece], tokenizer, n_ctx: int, policy: TokenPolicy | int | None
+) -> Iterator[np.ndarray]:
+    """Packed rows as int64 ``[rows, n_ctx]`` blocks, one per tokenizer call that completes a row.
+
+    Documents (or :class:`Piece` s of them) are joined with the policy's separator (the usual packing of
+    GPT-2 and Pythia), then cut into bodies of ``n_ctx`` minus the structural tokens, each framed by the
+    policy. Time and memory are linear in the tokens: the carry between calls is shorter than one body.
     """
     policy = as_policy(policy)
     body = n_ctx - policy.n_structural
     if body <= 0:
         raise ValueError(f"n_ctx must leave room for text after the {policy.n_structural} structural token(s), got {n_ctx}")
-    sep = [policy.separator] if policy.separator is not None else []
-    buf: list[int] = []
-    pending: list[str] = []
+    sep = np.asarray([policy.separator] if policy.separator is not None else [], dtype=np.int64)
+    carry = np.empty(0, dtype=np.int64)
+    for batch in _piece_batches(_as_pieces(texts)):
+        stream = np.concatenate([carry, _stream_ids(batch, tokenizer, sep)])
+        n_rows = len(stream) // body
+        carry = stream[n_rows * body :].copy()
+        if n_rows:
+            yield _frame(stream[: n_rows * body].reshape(n_rows, body), policy)
 
-    def flush() -> Iterator[torch.Tensor]:
-        nonlocal buf
-        for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
-            buf.extend(ids)
-            buf.extend(sep)
-        pending.clear()
-        while len(buf) >= body:
-            row, buf = buf[:body], buf[body:]
-            yield torch.tensor(policy.wrap(row), dtype=torch.long)
 
-    for text in texts:
-        if text:
-            pending.append(text)
-        if len(pending) >= batch_docs:
-            yield from flush()
-    if pending:
-        yield from flush()
+def iter_token_rows(
+    texts: Iterable[str] | Iterable[Piece], tokenizer, n_ctx: int, policy: TokenPolicy | int | None
+) -> Iterator[torch.Tensor]:
+    """The rows of :func:`iter_row_blocks` one at a time (``[n_ctx]`` int64 tensors)."""
+    for block in iter_row_blocks(texts, tokenizer, n_ctx, policy):
+        yield from torch.from_numpy(block)
+
+
+def text_row_blocks(
+    source: str | os.PathLike, tokenizer, n_ctx: int, policy: TokenPolicy | int | None, text_field: str = "text",
+    split: str = "train", encoding: str = "utf-8",
+) -> Iterator[np.ndarray]:
+    """A source's packed rows as int64 ``[rows, n_ctx]`` blocks, read lazily: text (any source
+    :func:`~sae_lens_attn.texts.iter_pieces` reads), a token array, or a token-shard folder (checked against
+    ``tokenizer``, ``n_ctx`` and ``policy``)."""
+    from .shards import is_shard_folder, shard_row_blocks
+
+    p = Path(source).expanduser()
+    if p.is_dir() and is_shard_folder(p):
+        yield from shard_row_blocks(p, tokenizer, n_ctx, as_policy(policy))
+    elif p.is_file() and p.suffix in TOKEN_SUFFIXES:
+        arr = load_token_array(p)
+        if arr.ndim == 1:
+            rows = list(iter_token_rows_from_ids(arr, n_ctx, policy))
+            yield torch.stack(rows).numpy() if rows else np.empty((0, n_ctx), dtype=np.int64)
+        else:
+            yield arr.numpy()
+    else:
+        yield from iter_row_blocks(iter_pieces(source, text_field, split, encoding), tokenizer, n_ctx, policy)
 
 
 def token_rows(
@@ -229,33 +184,24 @@ def token_rows(
     split: str = "train",
     encoding: str = "utf-8",
 ) -> Int[torch.Tensor, "rows n_ctx"]:
-    """All rows of a source, as one tensor (or the first ``max_rows``). Raises on an empty source, and on a
-    local file that is not text in ``encoding``.
+    """The first ``max_rows`` rows of a source (all when None), as one tensor. Only as much of the source
+    is read and tokenized as those rows need. Raises on an empty source, and on a local file that is not
+    text in ``encoding``.
 
     ``bos_id``: the model's :class:`TokenPolicy` (``token_policy(model)``), or a BOS id (legacy)."""
-    p = Path(source).expanduser()
-    if p.is_file() and p.suffix in TOKEN_SUFFIXES:
-        arr = load_token_array(p)
-        if arr.ndim == 1:
-            rows = list(iter_token_rows_from_ids(arr, n_ctx, bos_id))
-            out = torch.stack(rows) if rows else torch.empty(0, n_ctx, dtype=torch.long)
-        else:
-            out = arr
-    else:
-        rows = []
-        for row in iter_token_rows(iter_texts(source, text_field, split, encoding), tokenizer, n_ctx, bos_id):
-            rows.append(row)
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-        out = torch.stack(rows) if rows else torch.empty(0, n_ctx, dtype=torch.long)
-    if max_rows is not None:
-        out = out[:max_rows]
+    blocks, have = [], 0
+    for block in text_row_blocks(source, tokenizer, n_ctx, bos_id, text_field, split, encoding):
+        blocks.append(block if max_rows is None else block[: max_rows - have])
+        have += len(blocks[-1])
+        if max_rows is not None and have >= max_rows:
+            break
+    out = torch.from_numpy(np.concatenate(blocks)) if blocks else torch.empty(0, n_ctx, dtype=torch.long)
     if out.shape[0] == 0:
         raise EmptyDatasetError(
             f"dataset {source} gave no rows of {n_ctx} tokens: it is empty or shorter than one row; "
             "pass more text or a smaller context size"
         )
-    return out
+    return out.long()
 
 
 def iter_token_rows_from_ids(ids: torch.Tensor, n_ctx: int, policy: TokenPolicy | int | None) -> Iterator[torch.Tensor]:

@@ -7,6 +7,18 @@ the evaluation tokens. The loss is the model kind's own (:mod:`sae_lens_attn.obj
 causal LMs, masked-token CE for encoders (KL then on the masked positions too). A model with newly
 initialised weights (e.g. an encoder saved without its masked-LM head) gets no CE/KL numbers: they are
 ``None`` with the reason in ``lm_note``; the reconstruction metrics are exact either way.
+
+**When CE recovered means nothing.** The ratio divides by CE_ablated - CE_clean. Where ablating the site
+barely moves the loss (less than :data:`MIN_ABLATION_GAP` nats per token: a middle layer of a 30-layer
+model can be that redundant) or *lowers* it (mean ablation can), the ratio is noise over a tiny or negative
+denominator (SmolLM2-135M layer 15 printed 118% and -61%). It is still reported, with the reason in
+``ce_recovered_zero_note`` / ``ce_recovered_mean_note``, marked ``*`` in the table; the raw losses and KL
+are the numbers to read then.
+
+**Memory.** Each evaluation chunk's logits are reduced to per-token losses and KL as they are computed;
+at most two chunks of logits are alive (the clean run's, for KL, and the current edit's), and the chunk
+holds at most :data:`EVAL_LOGIT_BYTES` of them, so the peak follows the vocabulary times the chunk, not
+the number of evaluation rows.
 """
 
 from __future__ import annotations
@@ -22,6 +34,14 @@ from .objective import MASK_SHARE, kl_per_position, loss_input, token_losses
 from .sae import SAE
 from .sites import Site
 from .spec import model_spec
+
+#: CE recovered is flagged as unreliable when ablating the site moves the loss by less than this (nats per
+#: token), or lowers it. 0.1 nats is about a tenth of what ablating a typical early attention layer costs a
+#: small model, and more than the run-to-run spread of the spliced loss on a few thousand tokens.
+MIN_ABLATION_GAP = 0.1
+#: Bytes of float32 logits two live evaluation chunks may hold together (256 MiB): rows per chunk are
+#: ``min(batch_rows, EVAL_LOGIT_BYTES // (2 * 4 * pos * vocab))``, at least one.
+EVAL_LOGIT_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -46,9 +66,15 @@ class SAEMetrics:
     kl_spliced: float | None
     """Mean KL(clean || spliced) of the output distributions where the loss is read, nats per position."""
     dead_fraction: float
-    """Latents that never fired on the evaluation tokens."""
+    """Latents that never fired on the evaluation tokens (``dead_tokens`` of them)."""
     mean_density: float
     """Mean firing frequency per latent."""
+    dead_tokens: int = 0
+    """Evaluation tokens ``dead_fraction`` and ``mean_density`` were measured over."""
+    ce_recovered_zero_note: str = ""
+    """Why ``ce_recovered_zero`` is unreliable (ablation barely moves, or lowers, the loss); empty if it is not."""
+    ce_recovered_mean_note: str = ""
+    """Why ``ce_recovered_mean`` is unreliable; empty if it is not."""
     loss_kind: str = "next-token"
     """``next-token`` (causal LMs) or ``masked-token`` (encoders: MASK_SHARE of text positions masked)."""
     lm_note: str = ""
@@ -125,38 +151,63 @@ def evaluate_sae(
         kl_spliced=get("kl"),
         dead_fraction=float((rec.counts == 0).double().mean()),
         mean_density=float(density.mean()),
+        dead_tokens=rec.n_tok,
+        ce_recovered_zero_note=recovered_note(ce["zero"], ce["clean"], "zero") if ce else "",
+        ce_recovered_mean_note=recovered_note(ce["mean"], ce["clean"], "mean") if ce else "",
         loss_kind="next-token" if spec.kind == "causal" else f"masked-token ({MASK_SHARE:.0%} of text positions)",
         lm_note=note,
     )
     return metrics, density.float()
 
 
+def eval_chunk_rows(model, n_pos: int, batch_rows: int) -> int:
+    """Rows per evaluation chunk: ``batch_rows``, fewer where two chunks' logits would pass EVAL_LOGIT_BYTES."""
+    per_row = 2 * 4 * n_pos * int(model.cfg.d_vocab)
+    return max(1, min(batch_rows, EVAL_LOGIT_BYTES // max(per_row, 1)))
+
+
 def _loss_metrics(model, sae: SAE, site: Site, rows: torch.Tensor, batch_rows: int, mean_act: torch.Tensor) -> dict:
-    """Mean loss of the clean, spliced, zero- and mean-ablated runs, and the spliced run's KL."""
+    """Mean loss of the clean, spliced, zero- and mean-ablated runs, and the spliced run's KL. Each run's
+    logits are reduced to its summed loss (and KL) before the next run starts."""
     spec = model_spec(model)
     device = model_device(model)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
     n_pred = 0
-    for chunk in rows.split(batch_rows):
-        inp = loss_input(chunk.to(device), spec)
+    edits = {
+        "spliced": lambda flat: sae(flat),
+        "zero": lambda flat: torch.zeros_like(flat),
+        "mean": lambda flat: mean_act.to(flat.dtype).expand_as(flat),
+    }
+    for chunk in rows.split(eval_chunk_rows(model, rows.shape[1], batch_rows)):
+        inp = loss_input(chunk.to(device).long(), spec)
         keep = spec.tokens.keep(inp.tokens)
-        logits = {"clean": model(inp.tokens, return_type="logits")}
-        edits = {
-            "spliced": lambda flat: sae(flat),
-            "zero": lambda flat: torch.zeros_like(flat),
-            "mean": lambda flat: mean_act.to(flat.dtype).expand_as(flat),
-        }
+        read = inp.targets != -100
+        clean = model(inp.tokens, return_type="logits")
+        sums["clean"] += float(token_losses(clean, inp.targets).sum())
         for key, fn in edits.items():
             with splice(model, site, fn, keep):
-                logits[key] = model(inp.tokens, return_type="logits")
-        for key, lg in logits.items():
-            sums[key] += float(token_losses(lg, inp.targets).sum())
-        read = inp.targets != -100
-        sums["kl"] += float(kl_per_position(logits["clean"], logits["spliced"])[read].sum())
+                logits = model(inp.tokens, return_type="logits")
+            sums[key] += float(token_losses(logits, inp.targets).sum())
+            if key == "spliced":
+                sums["kl"] += float(kl_per_position(clean, logits)[read].sum())
+            del logits
+        del clean
         n_pred += int(read.sum())
     if n_pred == 0:
         raise ValueError("evaluation rows have no position where the loss is read")
     return {k: v / n_pred for k, v in sums.items()}
+
+
+def recovered_note(ablated: float, clean: float, how: str) -> str:
+    """Why CE recovered against ``how``-ablation is unreliable, or ``""`` (see the module docstring)."""
+    gap = ablated - clean
+    if gap < 0:
+        return (f"{how}-ablating the site lowers the loss ({ablated:.3f} < clean {clean:.3f} nats), so the ratio has "
+                "no meaning; read the raw losses and KL")
+    if gap < MIN_ABLATION_GAP:
+        return (f"{how}-ablating the site raises the loss by only {gap:.3f} nats (< {MIN_ABLATION_GAP}), so the ratio "
+                "divides by noise; read the raw losses and KL")
+    return ""
 
 
 def _recovered(ablated: float, spliced: float, clean: float) -> float:
@@ -164,8 +215,17 @@ def _recovered(ablated: float, spliced: float, clean: float) -> float:
     return float("nan") if abs(denom) < 1e-12 else (ablated - spliced) / denom
 
 
+def _cell(m: SAEMetrics, attr: str, fmt: str) -> str:
+    value = getattr(m, attr)
+    if value is None:
+        return "refused"
+    flagged = attr.startswith("ce_recovered_") and getattr(m, f"{attr}_note", "")
+    return fmt.format(value) + ("*" if flagged else "")
+
+
 def format_metrics_table(metrics: list[SAEMetrics]) -> str:
-    """A plain-text table, one row per site."""
+    """A plain-text table, one row per site: the ratios, the raw losses they come from, and footnotes for
+    every ratio marked ``*`` as unreliable (:func:`recovered_note`) and for what ``dead`` was counted over."""
     cols = [
         ("site", "site", "{}"),
         ("L0", "l0", "{:.1f}"),
@@ -175,14 +235,20 @@ def format_metrics_table(metrics: list[SAEMetrics]) -> str:
         ("KL", "kl_spliced", "{:.4f}"),
         ("CE clean", "ce_clean", "{:.3f}"),
         ("CE spliced", "ce_spliced", "{:.3f}"),
+        ("CE zero", "ce_zero_ablated", "{:.3f}"),
+        ("CE mean", "ce_mean_ablated", "{:.3f}"),
         ("dead", "dead_fraction", "{:.1%}"),
     ]
-    cells = [[fmt.format(getattr(m, attr)) if getattr(m, attr) is not None else "refused" for _, attr, fmt in cols]
-             for m in metrics]
+    cells = [[_cell(m, attr, fmt) for _, attr, fmt in cols] for m in metrics]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, (h, _, _) in enumerate(cols)]
     line = "  ".join(h.rjust(w) for (h, _, _), w in zip(cols, widths))
     body = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
     notes = sorted({f"{m.site}: {m.lm_note}" for m in metrics if m.lm_note})
+    flags = [f"* {m.site} CE rec ({how}): {note}" for m in metrics
+             for how, note in (("zero", m.ce_recovered_zero_note), ("mean", m.ce_recovered_mean_note)) if note]
     kinds = sorted({m.loss_kind for m in metrics})
     foot = [f"loss: {', '.join(kinds)}"] if kinds != ["next-token"] else []
-    return "\n".join([line, "-" * len(line), *body, *foot, *notes])
+    counted = sorted({m.dead_tokens for m in metrics if m.dead_tokens})
+    if counted:
+        foot.append(f"dead: latents that never fired on the {', '.join(f'{n:,}' for n in counted)} evaluation tokens")
+    return "\n".join([line, "-" * len(line), *body, *flags, *foot, *notes])

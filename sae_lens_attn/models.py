@@ -6,6 +6,7 @@ is a Hugging Face directory and goes through exactly the code path a hub model d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .gguf import is_gguf, load_gguf
 from .spec import derive_spec, model_spec
-from .tokens import TokenPolicy, policy_from_tokenizer
+from .tokens import TokenPolicy, policy_from_tokenizer, with_start_token
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "default_model"
@@ -51,12 +53,18 @@ def load_model(
     name_or_path: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    start_token: str | None = None,
 ):
     """Boot a model with ``TransformerBridge.boot_transformers`` and put it in eval mode, frozen.
 
     ``name_or_path``: a hub id (``"gpt2"``, ``"EleutherAI/pythia-70m"``), a local directory in Hugging
-    Face format, or None for the embedded default. Parameters are frozen (``requires_grad=False``): the
-    toolkit only ever differentiates with respect to activations.
+    Face format, a llama.cpp ``.gguf`` file (:mod:`sae_lens_attn.gguf`; dequantized to ``dtype``, the
+    tokenizer read from the same file), or None for the embedded default. Parameters are frozen
+    (``requires_grad=False``): the toolkit only ever differentiates with respect to activations.
+
+    ``start_token``: the token rows and prompts start with (:func:`~sae_lens_attn.tokens.with_start_token`):
+    ``"bos"`` (default: the tokenizer's own rule), ``"none"``, or one token's text such as
+    ``"<|endoftext|>"``. :func:`describe_tokens` says which rule is in force (the CLIs print it at load).
 
     The model's :class:`~sae_lens_attn.spec.ModelSpec` (family, kind, heads, layout, tokenization policy,
     weights the checkpoint lacked) is derived here, once, and read by everything else through
@@ -66,24 +74,15 @@ def load_model(
     """
     from .devices import check_device
 
-    local = _local_dir(name_or_path)
-    target = str(local) if local is not None else str(name_or_path)
+    gguf = is_gguf(name_or_path)
+    local = None if gguf else _local_dir(name_or_path)
+    target = str(Path(str(name_or_path)).expanduser()) if gguf else str(local) if local is not None else str(name_or_path)
     device = str(check_device(device))  # before anything loads: a missing GPU is one clear error
     tf_logger = logging.getLogger("transformers")
     level = tf_logger.level
     try:
-        from transformer_lens.model_bridge import TransformerBridge
-
         with _loading_report() as report:
-            try:
-                bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
-            except OSError as err:
-                raise OSError(
-                    f"could not load model {target!r}: it is not a local directory and the hub could not serve it "
-                    f"({err.__class__.__name__}: {err}). Pass a local Hugging Face directory, or check the hub "
-                    "id and the network"
-                ) from err
-        tokenizer = _saved_tokenizer(target, bridge)
+            bridge, tokenizer, source = _boot(target, gguf, device, dtype)
     finally:
         tf_logger.setLevel(level)
     bridge.eval()
@@ -92,7 +91,9 @@ def load_model(
     bridge.sae_lens_attn_name = resolve_model_name(name_or_path)  # type: ignore[attr-defined]
     encoder = getattr(bridge.cfg, "attention_dir", "causal") == "bidirectional"
     new = tuple(sorted(report.missing)) if report.checked else None
-    bridge.sae_lens_attn_spec = derive_spec(bridge, policy_from_tokenizer(tokenizer, encoder), new)  # type: ignore[attr-defined]
+    policy = with_start_token(policy_from_tokenizer(tokenizer, encoder), tokenizer, start_token, encoder)
+    spec = dataclasses.replace(derive_spec(bridge, policy, new), source=source)
+    bridge.sae_lens_attn_spec = spec  # type: ignore[attr-defined]
     if new:
         warnings.warn(
             f"{target}: {len(new)} weight(s) were not in the checkpoint and were newly initialised at load "
@@ -100,6 +101,26 @@ def load_model(
             UserWarning, stacklevel=2,
         )
     return bridge
+
+
+def _boot(target: str, gguf: bool, device: str, dtype: torch.dtype):
+    """``(bridge, tokenizer as saved, source description)``."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if gguf:
+        hf_model, tokenizer, info = load_gguf(target, dtype)
+        bridge = TransformerBridge.boot_transformers(target, hf_model=hf_model.to(device), tokenizer=tokenizer,
+                                                     device=device, dtype=dtype)
+        return bridge, tokenizer, info.describe(dtype)
+    try:
+        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+    except OSError as err:
+        raise OSError(
+            f"could not load model {target!r}: it is not a local directory and the hub could not serve it "
+            f"({err.__class__.__name__}: {err}). Pass a local Hugging Face directory or .gguf file, or check the "
+            "hub id and the network"
+        ) from err
+    return bridge, _saved_tokenizer(target, bridge), ""
 
 
 class _Report:
@@ -156,6 +177,13 @@ def bos_token_id(model) -> int | None:
     """The token every row and prompt starts with under the model's tokenization policy (BOS, EOS standing
     in for a missing BOS, or CLS for encoders), or None when the policy has none."""
     return model_spec(model).tokens.start
+
+
+def describe_tokens(model) -> str:
+    """One line for logs: how rows and prompts are framed, and where the weights came from."""
+    spec = model_spec(model)
+    src = f"; weights: {spec.source}" if spec.source else ""
+    return f"{model_name(model)}: rows and prompts are {spec.tokens.describe()} (start_token {spec.tokens.start_token!r}){src}"
 
 
 def token_policy(model) -> TokenPolicy:

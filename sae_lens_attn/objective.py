@@ -63,18 +63,38 @@ def loss_input(tokens: torch.Tensor, spec: ModelSpec, seed: int = MASK_SEED) -> 
     return LossInput(masked, targets)
 
 
+#: Elements of a float64 temporary in :func:`token_losses` / :func:`kl_per_position` (128 MiB): positions
+#: are reduced in slices of ``SLICE_ELEMENTS // vocab``, so a 49k-entry vocabulary never costs a float64
+#: copy of a whole chunk's logits. Each position's value depends only on its own row of logits, so the
+#: slicing leaves every number bit-identical.
+SLICE_ELEMENTS = 1 << 24
+
+
+def _position_slices(n_positions: int, vocab: int) -> range:
+    return range(0, n_positions, max(1, SLICE_ELEMENTS // max(vocab, 1)))
+
+
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """[batch, pos] cross-entropy at every position with a target (0 elsewhere), computed in ``dtype``
     (float64 for metrics; the logits' own dtype for gradients)."""
-    flat = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).to(dtype), targets.reshape(-1).to(logits.device), reduction="none",
-        ignore_index=-100,
-    )
-    return flat.reshape(targets.shape)
+    flat = logits.reshape(-1, logits.shape[-1])
+    tgt = targets.reshape(-1).to(logits.device)
+    if flat.shape[0] == 0:
+        return torch.zeros(targets.shape, dtype=dtype, device=logits.device)
+    step = _position_slices(flat.shape[0], flat.shape[1]).step
+    parts = [F.cross_entropy(flat[i : i + step].to(dtype), tgt[i : i + step], reduction="none", ignore_index=-100)
+             for i in range(0, flat.shape[0], step)]
+    return torch.cat(parts).reshape(targets.shape)
 
 
 def kl_per_position(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
     """[batch, pos] KL(clean || other) of the output distributions, float64."""
-    lp_c = F.log_softmax(clean_logits.double(), -1)
-    lp_o = F.log_softmax(other_logits.double(), -1)
-    return (lp_c.exp() * (lp_c - lp_o)).sum(-1)
+    c = clean_logits.reshape(-1, clean_logits.shape[-1])
+    o = other_logits.reshape(-1, other_logits.shape[-1])
+    parts = [torch.zeros(0, dtype=torch.float64, device=c.device)]
+    for i in _position_slices(c.shape[0], c.shape[1]):
+        j = i + _position_slices(c.shape[0], c.shape[1]).step
+        lp_c = F.log_softmax(c[i:j].double(), -1)
+        lp_o = F.log_softmax(o[i:j].double(), -1)
+        parts.append((lp_c.exp() * (lp_c - lp_o)).sum(-1))
+    return torch.cat(parts).reshape(clean_logits.shape[:-1])

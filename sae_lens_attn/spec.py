@@ -75,6 +75,9 @@ class ModelSpec:
     """Weights the checkpoint did not contain, newly initialised at load (None: could not be checked)."""
     notes: tuple[str, ...] = ()
     """Family facts that do not change any formula (softcaps, sliding windows) but belong in reports."""
+    source: str = ""
+    """Where the weights came from when not a Hugging Face checkpoint: a GGUF file's name, architecture and
+    quantization (the activations are those of the dequantized weights)."""
 
     # --- sites -----------------------------------------------------------------------------------------
     def capture_hook(self, site) -> str:

@@ -24,7 +24,10 @@ from typing import Literal
 
 import torch
 
-Rule = Literal["bos", "eos-as-bos", "cls-sep", "none"]
+Rule = Literal["bos", "eos-as-bos", "cls-sep", "none", "token"]
+
+#: ``start_token`` values that are not token names: the tokenizer's own rule, or no start token.
+START_DEFAULT, START_NONE = "bos", "none"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class TokenPolicy:
     """The tokenizer's pad token (used only to right-pad prompts of different lengths)."""
     special: frozenset[int] = field(default_factory=frozenset)
     """Structural ids: dropped from training data and evaluations."""
+    start_name: str | None = None
+    """Rule ``token``: the start token's text, as the user named it (``--start-token``)."""
 
     @property
     def prepend_bos(self) -> bool:
@@ -75,8 +80,15 @@ class TokenPolicy:
 
     def describe(self) -> str:
         parts = {"bos": "[BOS] text", "eos-as-bos": "[EOS] text (no BOS token; EOS stands in)",
-                 "cls-sep": "[CLS] text [SEP]", "none": "text (no structural tokens)"}
+                 "cls-sep": "[CLS] text [SEP]", "none": "text (no structural tokens)",
+                 "token": f"{self.start_name} text (start token chosen with --start-token)"}
         return parts[self.rule]
+
+    @property
+    def start_token(self) -> str:
+        """The ``start_token`` choice that gives this policy: ``bos`` (the tokenizer's own rule), ``none``
+        or the chosen token's text (recorded in SAE metadata so analysis loads the model the same way)."""
+        return self.start_name if self.rule == "token" else START_NONE if self.rule == "none" else START_DEFAULT
 
 
 def policy_from_tokenizer(tokenizer, encoder: bool) -> TokenPolicy:
@@ -90,6 +102,32 @@ def policy_from_tokenizer(tokenizer, encoder: bool) -> TokenPolicy:
     if eos is not None:
         return TokenPolicy("eos-as-bos", eos, None, eos, mask, pad, frozenset({eos}))
     return TokenPolicy("none", None, None, None, mask, pad, frozenset())
+
+
+def with_start_token(policy: TokenPolicy, tokenizer, choice: str | None, encoder: bool = False) -> TokenPolicy:
+    """``policy`` with the start token the user chose: ``bos`` (or None) keeps the tokenizer's rule,
+    ``none`` drops the start token, any other value must be one token of the vocabulary (e.g.
+    ``<|endoftext|>`` for SmolLM2-Instruct, whose ``bos_token`` is the chat-turn token ``<|im_start|>``).
+    The chosen token starts every row and prompt and separates packed documents."""
+    if choice is None or choice == START_DEFAULT:
+        return policy
+    if encoder:
+        raise ValueError(f"start_token {choice!r}: encoders keep their [CLS] text [SEP] framing; the start token "
+                         "is a choice for causal LMs only (leave --start-token at 'bos')")
+    if choice == START_NONE:
+        return TokenPolicy("none", None, None, None, policy.mask, policy.pad, frozenset())
+    tid = tokenizer.convert_tokens_to_ids(choice)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tid is None or (tid == unk and choice != getattr(tokenizer, "unk_token", None)):
+        ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        raise ValueError(
+            f"start_token {choice!r} is not one token of this tokenizer's vocabulary (it encodes as {len(ids)} "
+            f"token(s) {ids[:8]}); pass 'bos' (the tokenizer's {getattr(tokenizer, 'bos_token', None)!r}), 'none', "
+            "or the exact text of one special token such as the EOS token "
+            f"{getattr(tokenizer, 'eos_token', None)!r}"
+        )
+    tid = int(tid)
+    return TokenPolicy("token", tid, None, tid, policy.mask, policy.pad, frozenset({tid}), start_name=choice)
 
 
 def causal_policy(bos: int | None) -> TokenPolicy:
@@ -124,6 +162,14 @@ def check_start_token(tokens: torch.Tensor, policy: TokenPolicy, metadata: dict 
     ordinary token at position 0, where the model's attention sink was during training; features there
     are artefacts.
     """
+    chosen = (metadata or {}).get("start_token")
+    if chosen is not None and chosen != policy.start_token:
+        warn_once(
+            ("start-choice", chosen, policy.start_token, what),
+            f"{what} was trained with start_token {chosen!r} but the model was loaded with {policy.start_token!r}; "
+            f"load it with load_model(..., start_token={chosen!r}) (--start-token {chosen!r}) so rows and prompts "
+            "start as they did in training",
+        )
     trained_with = (metadata or {}).get("prepend_bos", True)
     if not trained_with or policy.start is None or tokens.numel() == 0:
         return

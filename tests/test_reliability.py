@@ -371,8 +371,8 @@ def test_binary_files_and_other_encodings_are_refused_naming_the_file(tiny_neox,
     """Issue case 6: today /bin/ls trained on decoded garbage, and non-UTF-8 text was silently replaced."""
     binary = tmp_path / "ls"
     binary.write_bytes(Path("/bin/ls").read_bytes() if Path("/bin/ls").exists() else bytes(range(256)) * 200)
-    with pytest.raises(NotTextError, match=rf"{binary} is not a text file: it holds [0-9,]+ NUL byte\(s\), the first "
-                                           r"at byte [0-9,]+, as binary files do"):
+    with pytest.raises(NotTextError, match=rf"{binary} is not a text file: it holds [0-9,]+ NUL byte\(s\) in bytes "
+                                           r"0-[0-9,]+, the first at byte [0-9,]+, as binary files do"):
         token_rows(binary, tiny_neox.tokenizer, 32, 0)
     rc = main(["train", "--dataset", str(binary), "--out-dir", str(tmp_path / "run"), "--progress", "false"])
     err = _errors(capsys)
@@ -381,7 +381,7 @@ def test_binary_files_and_other_encodings_are_refused_naming_the_file(tiny_neox,
     latin = "Ça, c'est très élégant: « déjà vu » à Noël. " * 50
     f = tmp_path / "latin.txt"
     f.write_bytes(latin.encode("latin-1"))
-    with pytest.raises(NotTextError, match=rf"{f} is not utf-8 text: [0-9,]+ of its [0-9,]+ bytes \([0-9.]+%\) do not "
+    with pytest.raises(NotTextError, match=rf"{f} is not utf-8 text: [0-9,]+ of its first [0-9,]+ bytes \([0-9.]+%\) do not "
                                            r"decode\. If it is text in another encoding, pass it with --encoding"):
         token_rows(f, tiny_neox.tokenizer, 32, 0)
     rows = token_rows(f, tiny_neox.tokenizer, 32, 0, encoding="latin-1")

@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_arguments(train)
+    tok = sub.add_parser(
+        "tokenize",
+        help="pack a corpus into token shards once (train on them with --dataset FOLDER)",
+        description="Tokenize and pack a dataset into memory-mapped .npy shards with a manifest naming the "
+        "tokenizer, context size and start-token rule; `train --dataset FOLDER` reads them without tokenizing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from .tokenize import TokenizeConfig
+
+    add_config_arguments(tok, TokenizeConfig)
     from sae_lens_attn.analysis.cli import add_subcommands
 
     add_subcommands(sub)
@@ -130,12 +140,29 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     return 0
 
 
+def _tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .tokenize import TokenizeConfig, tokenize
+
+    try:
+        cfg = TokenizeConfig(**{f.name: getattr(args, f.name) for f in fields(TokenizeConfig)})
+    except ValueError as err:
+        parser.error(re.sub(r"TokenizeConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err)))
+    try:
+        tokenize(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+        print(f"sae-lens-attn: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(parser, args, argv)
+    if args.command == "tokenize":
+        return _tokenize(parser, args)
     if args.command in ("analyze", "dashboard"):
         from sae_lens_attn.analysis.cli import run
 

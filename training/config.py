@@ -66,6 +66,11 @@ class TrainConfig:
     """A latent that has not fired for this many tokens counts as dead."""
     context_size: int = 128
     """Tokens per model row (BOS first); at most the model's context."""
+    start_token: str = "bos"
+    """Token every row starts with and packed documents are joined by: 'bos' (the tokenizer's own rule: BOS,
+    EOS standing in, or [CLS] ... [SEP]), 'none', or one token's exact text such as '<|endoftext|>'
+    (SmolLM2-Instruct's BOS is the chat-turn token <|im_start|>). Recorded in the SAE's metadata, and analysis
+    loads the model with it."""
     model_batch_rows: int = 32
     """Rows per model forward pass while harvesting activations."""
     eval_rows: int = 64
@@ -155,7 +160,7 @@ class TrainConfig:
         except LookupError:
             raise ValueError(f"TrainConfig.encoding {self.encoding!r} is not a known text encoding; use e.g. "
                              "'utf-8', 'latin-1' or 'cp1252'") from None
-        for name in ("model", "dataset", "activation_cache", "wandb_project", "text_field", "out_dir"):
+        for name in ("model", "dataset", "activation_cache", "wandb_project", "text_field", "out_dir", "start_token"):
             value = getattr(self, name)
             if value is not None and not value.strip():
                 raise ValueError(f"TrainConfig.{name} must not be blank (leave it empty/None instead), got {value!r}")

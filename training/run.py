@@ -35,17 +35,18 @@ from tqdm.auto import tqdm
 
 from sae_lens_attn.activations import SiteBatch, activation_batches, check_sites, harvest_all
 from sae_lens_attn.cache import CachedActivations, write_cache
-from sae_lens_attn.data import token_rows
+from sae_lens_attn.data import check_text_source
 from sae_lens_attn.devices import check_device
 from sae_lens_attn.evals import SAEMetrics, evaluate_sae, format_metrics_table
 from sae_lens_attn.files import write_json, write_text
-from sae_lens_attn.models import SAMPLE_TEXT, load_model, model_name, token_policy
+from sae_lens_attn.models import SAMPLE_TEXT, describe_tokens, load_model, model_name, token_policy
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site, parse_sites
 
 from .config import TrainConfig
 from .distributed import Dist, rank_device, shard_sites
-from .rundir import RESUME_MAY_CHANGE, RunStart, prepare_run_dir, truncate_log, write_config  # noqa: F401
+from .rows import read_rows
+from .rundir import RESUME_MAY_CHANGE, RunStart, holds_run_dir, prepare_run_dir, truncate_log, write_config  # noqa: F401
 from .trainer import OptimConfig, Trainer, remove_partial_checkpoints
 
 #: Harvest everything once and reuse it across epochs when the activations fit in this many bytes.
@@ -96,7 +97,8 @@ def build_saes(
                 "token_policy": token_policy(model).rule,
                 "exclude_special_tokens": cfg.drop_bos,
                 "dataset_path": cfg.dataset or "sae_lens_attn/assets/sample_text.txt",
-                "training_tokens": cfg.tokens,
+                "training_tokens": cfg.steps * cfg.batch_size,  # what is trained: whole batches, at least one
+                "start_token": token_policy(model).start_token,
             },
         )
         sae = SAE(scfg, init=False)
@@ -268,6 +270,7 @@ def _start_run(cfg: TrainConfig, dist: Dist, log) -> RunStart:
     return start
 
 
+@holds_run_dir  # the run directory's lock (taken in prepare_run_dir) is released when train ends
 def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
     """Train one SAE per requested site, evaluate them, and save them under ``cfg.out_dir``.
 
@@ -282,7 +285,9 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
     if cfg.deterministic:
         set_deterministic()
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
+    check_text_source(cfg.dataset or SAMPLE_TEXT, cfg.encoding)  # a binary or mis-encoded file, before the model
+    model = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype), start_token=cfg.start_token)
+    log(describe_tokens(model))
     all_sites = parse_sites(cfg.layers, cfg.site, cfg.head, n_layers=model.cfg.n_layers)
     check_sites(model, all_sites)
     sites = shard_sites(all_sites, dist)
@@ -292,14 +297,7 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
             "data-parallel mode (each trains on batch_size / world vectors per step)"
         )
     context_size = min(cfg.context_size, int(model.cfg.n_ctx))
-    source = cfg.dataset or SAMPLE_TEXT
-    rows = token_rows(source, model.tokenizer, context_size, token_policy(model), text_field=cfg.text_field,
-                      encoding=cfg.encoding)
-    rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))]
-    n_eval = min(cfg.eval_rows, rows.shape[0] // 4)
-    eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
-    if train_rows.shape[0] < dist.world_size:
-        raise ValueError(f"dataset {source} is too small: no rows left for training after {n_eval} eval rows")
+    eval_rows, train_rows = read_rows(cfg, model, context_size, dist, log)
     saes = build_saes(cfg, model, all_sites, context_size, only=sites)
 
     if dist.is_main:
@@ -307,7 +305,7 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
     ocfg = OptimConfig(
         lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay_fraction=cfg.decay_fraction,
         auxk_alpha=cfg.auxk_alpha, auxk_k=cfg.auxk_k, dead_tokens=cfg.dead_tokens, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_every=cfg.checkpoint_every, batch_size=cfg.batch_size,
     )
     wandb_logger = WandbLogger(cfg, out_dir) if cfg.wandb_project and dist.is_main else None
     trainer = Trainer(saes, ocfg, out_dir, dist, loggers=[wandb_logger] if wandb_logger else [], run_id=start.run_id)
@@ -335,11 +333,12 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
         bar.update(1)
         if step % 5 == 0 or step == ocfg.steps:
             n = len(stats)
+            dead = f"{sum(s.dead_fraction for s in stats.values()) / n:.1%}"
             bar.set_postfix(
                 loss=f"{sum(s.loss for s in stats.values()) / n:.4f}",
                 L0=f"{sum(s.l0 for s in stats.values()) / n:.1f}",
                 FVU=f"{sum(s.fvu for s in stats.values()) / n:.3f}",
-                dead=f"{sum(s.dead_fraction for s in stats.values()) / n:.1%}",
+                dead="n/a" if ocfg.dead_note(step) else dead,
             )
 
     try:
@@ -347,6 +346,9 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
     finally:
         bar.close()
 
+    if ocfg.dead_note(trainer.step_idx):
+        log(f"training's dead-latent statistic: {ocfg.dead_note(trainer.step_idx)}; the table's 'dead' is counted on "
+            "the evaluation tokens")
     all_saes = trainer.gather_saes()
     for sae in all_saes.values():
         sae.reuse_pre_buffer = False  # handed to the caller: every encode returns its own pre

@@ -52,6 +52,16 @@ class OptimConfig:
     """Steps between log records."""
     checkpoint_every: int = 0
     """Steps between checkpoints (0: none)."""
+    batch_size: int | None = None
+    """Global activation vectors per step, when known: the log then says ``dead`` is not measured until
+    ``dead_tokens`` tokens have been seen (before that, no latent can count as dead)."""
+
+    def dead_note(self, step: int) -> str:
+        """Why the dead fraction at ``step`` means nothing yet, or ``""``."""
+        if self.batch_size is None or step * self.batch_size >= self.dead_tokens:
+            return ""
+        return (f"not measured: {step * self.batch_size:,} tokens seen, fewer than the {self.dead_tokens:,}-token "
+                "dead window (--dead-tokens)")
 
 
 class StepStats(NamedTuple):

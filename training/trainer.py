@@ -152,6 +152,9 @@ class Trainer:
         lines = []
         for label in sorted(merged, key=lambda lab: Site.parse(lab)):
             rec = {"step": self.step_idx, "site": label, "elapsed_s": round(elapsed, 3), **merged[label]}
+            note = self.cfg.dead_note(self.step_idx)
+            if note:
+                rec.update(dead_fraction=None, dead_note=note)
             lines.append(json.dumps(rec) + "\n")
             for logger in self.loggers:
                 logger(rec)
