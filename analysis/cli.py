@@ -81,25 +81,53 @@ def add_subcommands(sub) -> None:
 def _load(args):
     import torch
 
-    from sae_lens_attn.data import token_rows
+    from sae_lens_attn.data import check_text_source, token_rows
     from sae_lens_attn.interop import load_sae
-    from sae_lens_attn.models import SAMPLE_TEXT, load_model, model_device, token_policy
+    from sae_lens_attn.models import SAMPLE_TEXT, describe_tokens, load_model, model_device, token_policy
 
     from ._common import sae_site
 
     if args.tokens <= 0:
         raise ValueError(f"--tokens must be positive, got {args.tokens}")
+    check_text_source(args.dataset or SAMPLE_TEXT, getattr(args, "encoding", "utf-8"))  # before the model loads
     sae = load_sae(args.sae, device="cpu")
     site = sae_site(sae)
     features = _parse_features(getattr(args, "features", None), sae.cfg.d_sae)
-    model = load_model(args.model or sae.cfg.metadata.get("model_name"), device=args.device)
+    _refuse_another_model(sae, args.model, args.allow_transfer)
+    model = load_model(args.model or sae.cfg.metadata.get("model_name"), device=args.device,
+                       start_token=sae.cfg.metadata.get("start_token"))  # rows framed as in training
+    print(describe_tokens(model))
     sae = sae.to(model_device(model))
     sae.check_site(site, model, allow_transfer=args.allow_transfer)
     n_ctx = min(args.context_size or int(sae.cfg.metadata.get("context_size") or 128), int(model.cfg.n_ctx))
     rows = token_rows(args.dataset or SAMPLE_TEXT, model.tokenizer, n_ctx, token_policy(model),
                       max_rows=max(1, math.ceil(args.tokens / n_ctx)), text_field=args.text_field)
+    if rows.numel() < args.tokens:  # a short dataset is used whole, and said so
+        print(f"sae-lens-attn: warning: the dataset {args.dataset or 'sample text'} holds only {rows.numel():,} "
+              f"tokens ({rows.shape[0]} rows of {n_ctx}), fewer than --tokens {args.tokens:,}; the statistics use "
+              "those. Give a larger --dataset for the full budget", file=sys.stderr)
     torch.manual_seed(args.seed)
     return model, sae, site, rows, features
+
+
+def _refuse_another_model(sae, model: str | None, allow: bool) -> None:
+    """``--model`` against the SAE's ``metadata.model_name`` before the model loads (a hub id would
+    otherwise be downloaded first); the same rule ``check_site`` applies after loading."""
+    from sae_lens_attn.models import resolve_model_name
+    from sae_lens_attn.provenance import SiteMismatchError, same_model
+
+    trained = sae.cfg.metadata.get("model_name")
+    if allow or model is None or not trained:
+        return
+    try:  # same_model reads TransformerLens' alias table (gpt2-small = gpt2) when it is imported
+        import transformer_lens.supported_models  # noqa: F401
+    except ImportError:
+        pass
+    if same_model(str(trained), resolve_model_name(model)) is False:
+        raise SiteMismatchError(
+            f"this SAE was trained elsewhere: model {trained!r} (its metadata's model_name), not --model {model!r}. "
+            "Leave --model out to load its own model, or pass --allow-transfer for a deliberate transfer experiment"
+        )
 
 
 def _parse_features(text: str | None, d_sae: int) -> list[int] | None:

@@ -10,6 +10,7 @@ from .saes import (  # noqa: F401  (re-exported)
     GatedSAE,
     JumpReLUSAE,
     LinearEncoder,
+    NonFiniteOutputError,
     SAEConfig,
     SAEFileError,
     SparseCode,

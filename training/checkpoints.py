@@ -199,17 +199,55 @@ def remove_partial_checkpoints(out_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
+def step_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoints/step_N`` under ``out_dir`` that holds a manifest or a trainer state, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(
+        p for p in root.iterdir()
+        if p.name.startswith("step_") and ((p / MANIFEST_FILENAME).exists() or (p / STATE_FILENAME).exists())
+    )
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The newest complete ``checkpoints/step_N`` under ``out_dir`` (None if there is none).
 
     A ``step_N`` directory only ever appears whole (it is renamed into place), so this does not read the
     files; :meth:`Trainer.restore` verifies them.
     """
-    root = Path(out_dir) / "checkpoints"
-    if not root.exists():
-        return None
-    done = sorted(
-        p for p in root.iterdir()
-        if p.name.startswith("step_") and ((p / MANIFEST_FILENAME).exists() or (p / STATE_FILENAME).exists())
-    )
+    done = step_checkpoints(out_dir)
     return done[-1] if done else None
+
+
+def manifest_damage(ckpt: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint's ``manifest.json`` (``"is missing"``, ``"is empty"``, ...), or None
+    when it reads as a manifest. It is written last, so damage here (a disk error, a truncating copy, a
+    hand edit) leaves the checkpoint's files unverifiable; it never means another run wrote them."""
+    mpath = Path(ckpt) / MANIFEST_FILENAME
+    if not mpath.exists():
+        return "is missing"
+    try:
+        text = mpath.read_bytes()
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if not text.strip():
+        return f"is empty ({len(text)} bytes)"
+    try:
+        manifest = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"is not valid JSON ({len(text)} bytes, {err}): it is truncated or corrupted"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return "is not a checkpoint manifest (no 'files' table)"
+    return None
+
+
+def drop_advice(ckpt: Path) -> str:
+    """How to go on without a damaged checkpoint ``ckpt``, losing nothing that is good: delete it alone, and
+    resume from the checkpoint before it (or from the start, when there is none)."""
+    earlier = [p for p in step_checkpoints(ckpt.parent.parent) if p.name < ckpt.name]
+    if earlier:
+        return (f"delete {ckpt} (only that folder) and rerun with --resume true to resume from the previous "
+                f"checkpoint, {earlier[-1].name}")
+    return (f"delete {ckpt} (only that folder) and rerun with --resume true: it is the run's only checkpoint, so "
+            "the run starts again from step 0 with the same settings")

@@ -11,26 +11,45 @@
   (and, for directories from before run ids, lie within its number of steps). So nothing of an earlier run
   can leak into a later one.
 
+* **One writer.** A run holds an exclusive advisory lock (``flock``) on ``out_dir/.sae_lens_attn.lock`` from
+  :func:`prepare_run_dir` until :func:`train` returns (under torchrun: rank 0, the one that writes). A
+  second run into the same folder, ``--overwrite`` included, is refused naming the holder's pid (written into
+  the lock file). The kernel drops the lock when the holder's process ends, however it ends (a SIGKILL
+  too), so there is no stale lock to clean up; the file itself stays (deleting it would let two runs lock
+  two different files of one name).
+
 All of this is decided before the model loads, so a refusal costs a second, not a harvest.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
+import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from sae_lens_attn.files import ensure_dir, write_json, write_text
+from sae_lens_attn.files import ensure_dir, write_error, write_json, write_text
 
-from .checkpoints import checkpoint_run_id, latest_checkpoint, remove_partial_checkpoints
+from .checkpoints import (
+    MANIFEST_FILENAME,
+    checkpoint_run_id,
+    drop_advice,
+    latest_checkpoint,
+    manifest_damage,
+    remove_partial_checkpoints,
+)
 from .config import TrainConfig
 
 CONFIG_FILENAME = "train_config.json"
 LOG_FILENAME = "log.jsonl"
+LOCK_FILENAME = ".sae_lens_attn.lock"
 #: Settings that may change between a run and its ``--resume`` (they do not change what is computed).
 RESUME_MAY_CHANGE = frozenset(
     {"resume", "overwrite", "progress", "out_dir", "checkpoint_every", "log_every", "device", "distributed",
@@ -40,6 +59,7 @@ _RUN_FILES = (CONFIG_FILENAME, "metrics.json", LOG_FILENAME, "wandb_run_id")
 _RUN_DIRS = ("checkpoints", "wandb")
 _TMP_RE = re.compile(r"^\.(train_config\.json|metrics\.json|log\.jsonl|wandb_run_id)\..*\.tmp$")
 _SAE_DIR_RE = re.compile(r"^L\d+\.(z|attn_out)(\.h\d+)?$")
+_KEPT = "the checkpoints here are kept; --overwrite true would delete them"
 
 
 class RunDirError(ValueError):
@@ -57,6 +77,84 @@ class RunStart:
 
 def new_run_id() -> str:
     return uuid.uuid4().hex
+
+
+# ----------------------------------------------------------------------------------------- one writer
+
+#: Locks this process holds, by (run directory, thread): a thread that already holds a directory's lock
+#: (a caller of prepare_run_dir outside train) gets it again; any other open of the file is refused.
+_HELD: dict[tuple[Path, int], int] = {}
+_HELD_GUARD = threading.Lock()
+
+
+class RunDirBusyError(RunDirError):
+    """Another live run holds the run directory's lock."""
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "a process that has not written its pid yet"
+
+
+def lock_run_dir(out_dir: Path, overwrite: bool = False) -> bool:
+    """Take ``out_dir``'s exclusive lock for this thread until :func:`release_run_dir`, or raise
+    :class:`RunDirBusyError` naming the pid that holds it. False when this thread held it already."""
+    key = (out_dir.resolve(), threading.get_ident())
+    with _HELD_GUARD:
+        if key in _HELD:
+            return False
+        path = out_dir / LOCK_FILENAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # the umask decides the mode
+        except OSError as err:
+            raise write_error(path, err).with_note("", what=f"lock file {path}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            busy = isinstance(err, BlockingIOError)
+            holder = _holder(fd) if busy else ""
+            os.close(fd)
+            if not busy:  # e.g. ENOLCK: a network file system without locks
+                raise RunDirError(f"cannot lock {path} ({err.strerror}): this file system does not support file "
+                                  "locks, so a second run into this folder could not be refused; train into an "
+                                  "--out-dir on a local disk") from err
+            also = " --overwrite does not delete a folder a live run is writing." if overwrite else ""
+            raise RunDirBusyError(
+                f"{out_dir} is being written by another training run ({holder}, holding {path}); two runs in one "
+                f"folder would overwrite each other's checkpoints and SAEs.{also} Wait for that run to end (or "
+                "stop it), or train into a new --out-dir"
+            ) from None
+        # In place, not through files.py's atomic rename: the lock belongs to this inode. Only the holder
+        # writes here, so readers see the holder's pid or (for a moment) nothing.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = fd
+        return True
+
+
+def release_run_dir(out_dir: str | os.PathLike) -> None:
+    """Drop this thread's lock on ``out_dir`` (nothing when it holds none)."""
+    with _HELD_GUARD:
+        fd = _HELD.pop((Path(out_dir).resolve(), threading.get_ident()), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor of the open file releases the flock
+
+
+def holds_run_dir(train: Callable) -> Callable:
+    """Decorator of ``train(cfg, ...)``: the lock :func:`prepare_run_dir` takes is released when ``train``
+    returns or raises (a process that dies releases it through the kernel)."""
+
+    @functools.wraps(train)
+    def wrapper(cfg: TrainConfig, *args, **kwargs):
+        try:
+            return train(cfg, *args, **kwargs)
+        finally:
+            release_run_dir(cfg.out_dir)
+
+    return wrapper
 
 
 def run_files(out_dir: Path, keep: Path | None = None) -> list[Path]:
@@ -77,9 +175,20 @@ def run_files(out_dir: Path, keep: Path | None = None) -> list[Path]:
 
 
 def prepare_run_dir(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunStart:
-    """Check ``cfg.out_dir`` against ``cfg.resume`` / ``cfg.overwrite`` (the rules in the module docstring),
-    clear it for ``overwrite``, and return the run id and the checkpoint to resume from."""
+    """Lock ``cfg.out_dir`` for this run, check it against ``cfg.resume`` / ``cfg.overwrite`` (the rules in the
+    module docstring), clear it for ``overwrite``, and return the run id and the checkpoint to resume from.
+    The lock is held until :func:`release_run_dir` (``train`` releases it when it ends); a refusal drops it."""
     out_dir = ensure_dir(cfg.out_dir)  # a file in the way, read-only, no permission: WriteError with the fix
+    took = lock_run_dir(out_dir, cfg.overwrite)  # before anything is read or deleted: one writer per folder
+    try:
+        return _fresh_or_resumed(cfg, out_dir, log)
+    except BaseException:
+        if took:  # refused: the folder is not ours to hold (train's own release covers the other paths)
+            release_run_dir(out_dir)
+        raise
+
+
+def _fresh_or_resumed(cfg: TrainConfig, out_dir: Path, log) -> RunStart:
     keep = Path(cfg.activation_cache).resolve() if cfg.activation_cache else None
     found = run_files(out_dir, keep)
     if cfg.resume:
@@ -124,12 +233,19 @@ def _resume_start(cfg: TrainConfig, out_dir: Path, found: list[Path], log) -> Ru
         truncate_log(out_dir, 0)
         remove_partial_checkpoints(out_dir)
         return RunStart(run_id or new_run_id(), None)
+    damage = manifest_damage(ckpt)
+    if damage and not (damage == "is missing" and run_id is None):  # runs with ids always wrote manifests
+        raise RunDirError(
+            f"--resume: {ckpt}, the latest checkpoint of the run in {out_dir}, is damaged: its {MANIFEST_FILENAME} "
+            f"{damage}, so its files cannot be verified; {drop_advice(ckpt)}"
+        )
     theirs = checkpoint_run_id(ckpt)
     if theirs != run_id:
         raise RunDirError(
             f"--resume: {ckpt} belongs to run {theirs or '(none: written before run ids)'}, but {config_file} is "
-            f"run {run_id or '(none)'}: {out_dir} mixes two runs, and resuming would continue the wrong one. Pass "
-            "--overwrite true instead of --resume to delete it all and start afresh, or train into a new --out-dir"
+            f"run {run_id or '(none)'}: {out_dir} mixes two runs, and resuming would continue the wrong one. Train "
+            "into a new --out-dir (this folder stays as it is), or pass --overwrite true instead of --resume to "
+            "delete both runs' files here and start afresh"
         )
     step = int(ckpt.name.removeprefix("step_"))
     if step > cfg.steps:
@@ -146,9 +262,10 @@ def read_config(config_file: Path) -> dict:
         saved = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
         raise RunDirError(f"{config_file}: unreadable ({err}); cannot check that --resume continues the same "
-                          "run") from err
+                          f"run. Restore that file, or train into a new --out-dir ({_KEPT})") from err
     if not isinstance(saved, dict):
-        raise RunDirError(f"{config_file}: not a training configuration (a JSON object)")
+        raise RunDirError(f"{config_file}: not a training configuration (a JSON object). Restore that file, or "
+                          f"train into a new --out-dir ({_KEPT})")
     return saved
 
 

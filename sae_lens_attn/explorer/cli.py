@@ -1,4 +1,4 @@
-"""``sae-lens-attn explore``: load SAEs (and the model they name) and serve the explorer on 127.0.0.1."""
+"""``sae-lens-attn explore``: load SAEs (and the model they name) and serve the explorer (127.0.0.1 by default)."""
 
 from __future__ import annotations
 
@@ -25,24 +25,34 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter) -> N
     p.add_argument("--dashboards", action="append", default=None, metavar="DIR",
                    help="a folder written by `sae-lens-attn dashboard` (matched to the SAE by its site); "
                    "the explorer links each feature to its page; repeatable")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (the default is this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (the default is this machine only; the "
+                   "API has no authentication, so another address prints a warning)")
+    p.add_argument("--allow-host", action="append", default=None, metavar="NAME",
+                   help="a Host name to answer besides --host, localhost, 127.0.0.1 and [::1] (the name or address "
+                   "clients on the network use); repeatable; '*' answers any (turns off the DNS-rebinding guard)")
     p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port; the URL is printed)")
     p.add_argument("--device", default=None, help="'cpu', 'cuda', ... (default: CUDA when available)")
 
 
 def run(args) -> int:
     """Load and serve; errors a user can fix print one line and return 2."""
+    sock = None
     try:
-        from .server import create_app, serve
+        from .server import bind, create_app, serve
         from .session import ExplorerSession
 
+        sock = bind(args.host, args.port)  # a bad --host or --port fails here, before anything loads
         session = ExplorerSession.from_paths(args.sae, args.model, args.device, args.dashboards or ())
         create_app(session)  # fail here, with the message, when FastAPI or uvicorn is missing
-        serve(session, args.host, args.port, on_ready=lambda msg: print(msg, flush=True))
+        serve(session, args.host, args.port, on_ready=lambda msg: print(msg, flush=True),
+              allow_hosts=args.allow_host or (), sock=sock)
     except ERRORS as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"sae-lens-attn: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass
+    finally:
+        if sock is not None:
+            sock.close()
     return 0

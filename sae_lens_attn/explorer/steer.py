@@ -16,6 +16,9 @@ from sae_lens_attn.steering import steer
 
 #: Most new tokens one steering call generates.
 MAX_NEW_TOKENS = 64
+#: Largest |coefficient|: decoder rows are unit vectors and activations are O(1)-O(100), so anything near
+#: this only drives the logits to inf/NaN.
+MAX_COEFFICIENT = 1e6
 
 
 def _top(session, probs: torch.Tensor, k: int) -> list[dict]:
@@ -47,8 +50,9 @@ def steer_prompt(session, text: str, sae_id: str, feature: int, coefficient: flo
     if not 1 <= int(top) <= 100:
         raise ValueError(f"top must be in 1..100, got {top}")
     coefficient = float(coefficient)
-    if coefficient != coefficient or abs(coefficient) == float("inf"):
-        raise ValueError(f"the coefficient must be a finite number, got {coefficient}")
+    if not abs(coefficient) <= MAX_COEFFICIENT:  # also NaN
+        raise ValueError(f"coefficient: must be a finite number in -{MAX_COEFFICIENT:g}..{MAX_COEFFICIENT:g}, got "
+                         f"{coefficient:g}")
     e = session.entry(sae_id)
     f = session.check_feature(e, feature)
     tokens = session.prompt(text).tokens
@@ -57,6 +61,9 @@ def steer_prompt(session, text: str, sae_id: str, feature: int, coefficient: flo
     clean_cont = _continue(session, tokens, int(n_tokens))
     with steer(model, e.sae, f, coefficient, site=e.site) as vec:
         steered_logits = model(tokens, return_type="logits")[0, -1].float()
+        if not bool(torch.isfinite(steered_logits).all()):
+            raise ValueError(f"coefficient: {coefficient:g} drives the model's logits to inf/NaN; use a smaller "
+                             "coefficient")
         steered_cont = _continue(session, tokens, int(n_tokens))
     lp_clean, lp_steer = clean_logits.log_softmax(-1), steered_logits.log_softmax(-1)
     p_clean, p_steer = lp_clean.exp(), lp_steer.exp()

@@ -7,7 +7,7 @@ and its cfg.json), ``base`` (the interface), ``topk`` (TopK / g-SAE with the fas
 (standard, JumpReLU, BatchTopK, gated), ``files`` and ``loading`` (the file formats), ``pretrained``.
 """
 
-from .base import SAE, LinearEncoder, SparseCode, sae_class
+from .base import SAE, LinearEncoder, NonFiniteOutputError, SparseCode, sae_class
 from .config import ARCHITECTURES, SAEConfig, SAEFileError
 from .relu import BatchTopKSAE, GatedSAE, JumpReLUSAE, StandardSAE
 from .topk import TopKSAE
@@ -19,6 +19,7 @@ __all__ = [
     "GatedSAE",
     "JumpReLUSAE",
     "LinearEncoder",
+    "NonFiniteOutputError",
     "SAEConfig",
     "SAEFileError",
     "SparseCode",

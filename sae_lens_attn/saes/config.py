@@ -17,6 +17,10 @@ ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "standard", "
 #: The SAELens file-format version our files claim (the v6 layout). SAELens reads a config without
 #: ``metadata.sae_lens_version`` >= 6 through its pre-6 converter, which drops the metadata.
 SAELENS_FORMAT_VERSION = "6.0.0"
+#: Largest d_in, d_sae or k: 64x the widest published SAE (2**24 latents); beyond it a value is damage.
+MAX_WIDTH = 1 << 30
+#: Parameter dtypes an SAE computes in (float8 has no matmul; integers cannot hold weights).
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def version_tuple(v: str) -> tuple[int, ...]:
@@ -70,8 +74,10 @@ class SAEConfig:
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae", "k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_WIDTH:
+                raise ValueError(f"SAEConfig.{name} must be a positive integer of at most {MAX_WIDTH:,}, got {value!r}")
+        if not isinstance(self.apply_b_dec_to_input, bool):
+            raise ValueError(f"SAEConfig.apply_b_dec_to_input must be True or False, got {self.apply_b_dec_to_input!r}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"SAEConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.architecture == "topk" and self.k > self.d_sae:
@@ -80,12 +86,14 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.selection must be 'topk' or 'gsae', got {self.selection!r}")
         if self.selection == "gsae" and self.architecture != "topk":
             raise ValueError(f"SAEConfig.selection='gsae' needs architecture='topk', got {self.architecture!r}")
-        if not math.isfinite(self.gsae_beta) or self.gsae_beta < 0:
+        if isinstance(self.gsae_beta, bool) or not isinstance(self.gsae_beta, (int, float)) \
+                or not math.isfinite(self.gsae_beta) or self.gsae_beta < 0:
             raise ValueError(f"SAEConfig.gsae_beta must be a finite number >= 0, got {self.gsae_beta!r}")
         if self.reshape_activations not in ("none", "hook_z"):
             raise ValueError(f"SAEConfig.reshape_activations must be 'none' or 'hook_z', got {self.reshape_activations!r}")
-        if not hasattr(torch, self.dtype) or not isinstance(getattr(torch, self.dtype), torch.dtype):
-            raise ValueError(f"SAEConfig.dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
+        if not isinstance(self.dtype, str) or getattr(torch, self.dtype, None) not in FLOAT_DTYPES:
+            raise ValueError(f"SAEConfig.dtype must be a floating-point dtype (float32, float64, float16 or "
+                             f"bfloat16), got {self.dtype!r}")
 
     def to_saelens_dict(self) -> dict[str, Any]:
         """cfg.json contents in SAELens' v6 layout, under this architecture's SAELens name.
@@ -158,8 +166,8 @@ class SAEConfig:
                 d_sae=int(d["d_sae"]),
                 **({"k": int(d["k"])} if arch == "topk" else {}),
                 selection=selection if arch == "topk" else "topk",
-                gsae_beta=float(beta),
-                apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
+                gsae_beta=float(beta) if isinstance(beta, int | float) and not isinstance(beta, bool) else beta,
+                apply_b_dec_to_input=d.get("apply_b_dec_to_input", True),  # a JSON boolean: "no" is refused
                 dtype=str(d.get("dtype", "float32")).removeprefix("torch."),
                 device=str(d.get("device", "cpu")),
                 reshape_activations=d.get("reshape_activations", "none"),

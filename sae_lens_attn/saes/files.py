@@ -64,6 +64,25 @@ def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
         raise SAEFileError(f"{f}: unreadable safetensors file ({err}); it is truncated or corrupted") from err
 
 
+def read_safetensors_layout(f: Path) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    """Each tensor's ``(shape, dtype, is_float)`` from a ``.safetensors`` header, without reading the data
+    (so a config can be checked against the file before anything is allocated)."""
+    from safetensors import safe_open
+
+    if not f.exists():
+        raise SAEFileError(f"{f} is missing")
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            out = {}
+            for name in fh.keys():
+                sl = fh.get_slice(name)
+                dtype = str(sl.get_dtype())
+                out[name] = (tuple(int(n) for n in sl.get_shape()), dtype, dtype.startswith("F") or dtype == "BF16")
+            return out
+    except Exception as err:  # safetensors raises its own error type for truncated or corrupted files
+        raise SAEFileError(f"{f}: unreadable safetensors file ({err}); it is truncated or corrupted") from err
+
+
 def read_tensors(f: Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors``, ``.npz`` (Gemma Scope) or torch ``.pt`` file (a state dict)."""
     if not f.exists():

@@ -108,10 +108,11 @@ def gemma_scope_cfg(release: str, sae_id: str, path: str, W_enc_shape: tuple[int
 
 
 def from_pretrained(release: str, sae_id: str, *, device: str | torch.device | None = None,
-                    local_dir: str | os.PathLike | None = None) -> SAE:
+                    local_dir: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None) -> SAE:
     """The SAE ``sae_id`` of ``release`` (SAELens' names, e.g. ``("gpt2-small-hook-z-kk", "blocks.5.hook_z")``
     or ``("gemma-scope-2b-pt-att-canonical", "layer_3/width_16k/canonical")``).
 
+    ``device``: None (default) loads on the CPU; ``dtype``: None keeps the file's (float32).
     ``local_dir``: a folder laid out like the release's hub repo, read instead of the hub. Unknown release or
     id: a ValueError listing the valid ones. Missing files or no network: :class:`SAEFileError` naming the
     repo and the file.
@@ -121,7 +122,7 @@ def from_pretrained(release: str, sae_id: str, *, device: str | torch.device | N
     repo = rel["repo_id"]
     if rel["format"] == "kissane_pt":
         fetch_file(repo, path[: -len(".pt")] + "_cfg.json", local_dir)  # load_sae reads it beside the .pt
-        sae = load_sae(fetch_file(repo, path, local_dir), device)
+        sae = load_sae(fetch_file(repo, path, local_dir), device, dtype)
         sae.cfg.metadata.update(release=release, sae_id=sae_id)
         return sae
     if rel["format"] == "gemma_scope_npz":
@@ -130,5 +131,5 @@ def from_pretrained(release: str, sae_id: str, *, device: str | torch.device | N
         if "W_enc" not in tensors:
             raise SAEFileError(f"{f}: no W_enc (has {sorted(tensors)}); not a Gemma Scope params.npz")
         cfg = gemma_scope_cfg(release, sae_id, path, tuple(tensors["W_enc"].shape))
-        return build_sae(cfg, tensors, str(f), f, device)
+        return build_sae(cfg, tensors, str(f), f, device, dtype)
     raise ValueError(f"{release}: unknown file format {rel['format']!r} in {REGISTRY_FILE}")  # pragma: no cover

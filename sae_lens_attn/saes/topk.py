@@ -146,7 +146,7 @@ class TopKSAE(SAE):
             ).relu()
         return SparseCode(values, indices, pre, rule)
 
-    def encode(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
+    def _encode(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
         """Dense activations, zeros off the top k (SAELens' ``encode``), through the sparse selection."""
         code = self.encode_sparse(x)
         dense = torch.zeros(*code.values.shape[:-1], self.cfg.d_sae, dtype=code.values.dtype, device=code.values.device)
