@@ -3,9 +3,10 @@ Autoencoders"): which heads write a feature, from which source tokens, on which 
 the logits, which features each head computes, which are induction features, which matter for a circuit.
 
 Modules: :mod:`.heads` (weight-based head attribution, head survey), :mod:`.dfa` (direct feature attribution by
-head and source position), :mod:`.rdfa` (recursive DFA), :mod:`.features` (streamed feature statistics, logit
-effects), :mod:`.induction` (induction heads and features, prefix-length study), :mod:`.circuits` (splicing with
-the error term, ablation, noising, attribution), :mod:`.copying` and :mod:`.ioi` (tasks), :mod:`.dashboard` (HTML
+head and source position), :mod:`.rdfa` (recursive DFA), :mod:`.qk` (why a head attends where it does: exact QK
+attribution to upstream parts and SAE features), :mod:`.features` (streamed feature statistics, logit effects),
+:mod:`.induction` (induction heads and features, prefix-length study), :mod:`.circuits` (splicing with the error
+term, ablation, noising, attribution), :mod:`.copying` and :mod:`.ioi` (tasks), :mod:`.dashboard` (HTML
 pages; figures, index and the default feature choice in :mod:`.dashboard_figures`, :mod:`.dashboard_index`,
 :mod:`.dashboard_select`).
 """
@@ -45,6 +46,7 @@ from .induction import (
     repeated_tokens,
 )
 from .ioi import IOIDataset, corrupt_ioi, logit_diff, make_ioi, single_token_names
+from .qk import QKAttribution, qk_attribution
 from .rdfa import RDFAStep, rdfa, rdfa_upstream_features, rdfa_upstream_heads, residual_components, top_terms
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "HeadReport",
     "IOIDataset",
     "LogitEffects",
+    "QKAttribution",
     "RDFAStep",
     "SourceDFA",
     "StatsConfig",
@@ -89,6 +92,7 @@ __all__ = [
     "make_ioi",
     "patch_features",
     "prefix_length_study",
+    "qk_attribution",
     "rdfa",
     "rdfa_upstream_features",
     "rdfa_upstream_heads",

@@ -4,7 +4,8 @@ Each page shows what Kissane et al. (2024) put on theirs: top-activating example
 activation (overlapping windows of one row count once: :attr:`StatsConfig.min_separation`), examples at
 every activation level, DFA by head and source position for the top example *and* averaged over the top
 examples by relative source position, the head shares of the decoder (hook_z SAEs), the activation
-histogram, and the top and bottom logits. Plotly's JavaScript is written once per folder
+histogram, the top and bottom logits, and why the top example's top head attends to its top source (its QK
+attribution, :mod:`.qk`). Plotly's JavaScript is written once per folder
 (``plotlyjs="file"``, the default: pages of tens of kB, the folder must stay together) or inlined in every
 page (``plotlyjs="inline"``: each page stands alone, at about 5 MB).
 """
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import torch
 
 from sae_lens_attn.files import ensure_dir, write_json, write_text
 from sae_lens_attn.models import model_name
@@ -39,6 +42,7 @@ from .dashboard_index import index_page
 from .dashboard_select import default_features, induction_scores_or_none
 from .features import Example, FeatureStats, logit_effects
 from .heads import head_shares
+from .qk import qk_attribution
 
 __all__ = ["PLOTLY_FILE", "DashboardConfig", "DashboardFiles", "default_features", "feature_page", "index_page",
            "write_dashboards"]
@@ -119,7 +123,35 @@ def _dfa_cards(model, sae: SAE, site: Site, stats: FeatureStats, feature: int, t
     windowed = " (context windows only)" if first.windowed else ""
     cards.append(figs.html(source_profile_figure(prof))
                  + f'<div class="meta">mean DFA by head over {prof.n_examples} examples{windowed}: {mean}</div>')
+    cards.append(_qk_card(model, site, first))
     return cards
+
+
+def _qk_card(model, site: Site, first) -> str:
+    """Why the top example's top head (by DFA) attends to its top source: the largest terms of its QK
+    attribution (:func:`~.qk.qk_attribution`), against the source that head attends to most otherwise."""
+    head = int(first.by_head.argmax())
+    source = int(first.by_source[head].argmax())
+    esc, tok = html.escape, lambda p: html.escape(tok_text(model.tokenizer, first.tokens[p]))
+    title = f"<h3>Why L{site.layer}H{head} attends from {first.q} &ldquo;{tok(first.q)}&rdquo; to {source} " \
+            f"&ldquo;{tok(source)}&rdquo;: QK attribution</h3>"
+    try:
+        res = qk_attribution(model, torch.tensor([first.tokens]), site.layer, head, first.q, source)
+    except ValueError as err:  # a refusal naming the family (UnsupportedModelError), or a masked source
+        return title + f'<p class="meta">not shown: {esc(str(err))}</p>'
+    rows = "".join(f"<tr><td>{esc(q)}</td><td>{esc(k)}</td><td>{v:+.4g}</td></tr>" for q, k, v in res.top_pairs(6))
+    sides = [", ".join(f"{esc(n)} {v:+.3g}" for n, v in res.top(side, 4)) for side in ("query", "key")]
+    own = f"{res.model_score:.4g}" if res.model_score is not None else "not exposed"
+    text = (f'<div class="meta">score {res.score:.4g} = the sum of all pairs (the model\'s own: {own}); attention '
+            f"{res.pattern[0]:.3g}{'; before the softcap' if res.softcap else ''}</div>"
+            f"<table><tr><th>query term</th><th>key term</th><th>score part</th></tr>{rows}</table>"
+            f'<div class="meta">query side: {sides[0]}<br>key side: {sides[1]}</div>')
+    c = res.contrast
+    if c is not None:
+        keys = ", ".join(f"{esc(n)} {v:+.3g}" for n, v in c.top("key", 3))
+        text += (f'<div class="meta">rather than {c.contrast_pos} &ldquo;{tok(c.contrast_pos)}&rdquo; (attention '
+                 f"{c.pattern[1]:.3g}): score difference {c.score:+.4g}; key side {keys}</div>")
+    return title + text
 
 
 def feature_page(model, sae: SAE, stats: FeatureStats, feature: int, site: Site | None = None,

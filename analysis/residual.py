@@ -17,6 +17,7 @@ float rounding; :func:`residual_components` checks that and refuses (naming the 
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import einops
@@ -57,6 +58,13 @@ class WriteMaps:
             if "embed_ln.hook_scale" in model.hook_dict:
                 names.append("embed_ln.hook_scale")
         self.scales = run_cache(model, tokens, names, stop_at_layer=layer + 1) if names else {}
+
+    def at(self, positions: list[int]) -> WriteMaps:
+        """These maps restricted to ``positions``: vectors then carry a ``pos`` axis of ``len(positions)``
+        (QK attribution maps a few positions' feature vectors, not the whole prompt's)."""
+        sub = copy.copy(self)
+        sub.scales = {k: v[:, positions] for k, v in self.scales.items()}
+        return sub
 
     def _frozen(self, name: str, module, vec: torch.Tensor, centre: bool) -> torch.Tensor:
         w, _ = norm_affine(self.model, module, vec.device)

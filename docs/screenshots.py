@@ -1,4 +1,5 @@
-"""Make the README's screenshots: the explorer (docs/img/explorer.png) and a dashboard page
+"""Make the README's screenshots: the explorer (docs/img/explorer.png, with the QK panel of the clicked
+feature's top head at its top source, also alone as docs/img/qk_panel.png) and a dashboard page
 (docs/img/feature_page.png), in Debian's headless chromium driven by Playwright (``pip install playwright``;
 no ``playwright install``), made smaller with ``pngquant`` when it is installed.
 
@@ -26,6 +27,19 @@ def shrink(path: Path) -> None:
     if shutil.which("pngquant"):
         subprocess.run(["pngquant", "--force", "--skip-if-larger", "--quality", "60-90", "--output", str(path), str(path)],
                        check=False)
+
+
+def click_top_cell(page, detail: dict) -> None:
+    """Click the DFA-by-source heatmap at the top head's largest source: the QK panel opens for that cell."""
+    head = detail["top_head"]
+    row = detail["dfa_by_source"][head]
+    source = max(range(len(row)), key=row.__getitem__)
+    page.locator("#plot-dfa-source").scroll_into_view_if_needed()  # mouse clicks land inside the viewport only
+    box = page.locator("#plot-dfa-source").bounding_box()
+    x, y = page.evaluate("([h, s]) => { const gd = document.getElementById('plot-dfa-source'); "
+                         "const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis; "
+                         "return [xa._offset + xa.l2p(s), ya._offset + ya.l2p(h)]; }", [head, source])
+    page.mouse.click(box["x"] + x, box["y"] + y)
 
 
 def main() -> None:
@@ -70,6 +84,9 @@ def main() -> None:
         clicked = next((f for f in feats if f in paged), feats[0])  # one with a dashboard page, if any
         rows.nth(feats.index(clicked)).click()
         page.wait_for_selector("#plot-dfa-source .main-svg")
+        click_top_cell(page, session.feature(PROMPT, last, clicked, args.token))
+        page.wait_for_selector("#qk-summary")
+        page.locator("#qk").screenshot(path=str(out / "qk_panel.png"))
         page.click("#steer-go")
         page.wait_for_selector("#cont-steered", timeout=120_000)
         page.screenshot(path=str(out / "explorer.png"), full_page=True, clip={"x": 0, "y": 0, "width": 1200, "height": 1500})
@@ -78,7 +95,7 @@ def main() -> None:
         page.wait_for_timeout(1500)
         page.screenshot(path=str(out / "feature_page.png"), full_page=True, clip={"x": 0, "y": 0, "width": 1200, "height": 1500})
         browser.close()
-    for name in ("explorer.png", "feature_page.png"):
+    for name in ("explorer.png", "feature_page.png", "qk_panel.png"):
         shrink(out / name)
         print(out / name, (out / name).stat().st_size, "bytes")
 

@@ -1,6 +1,7 @@
 """The explorer in a real headless Chromium (Debian's ``chromium``, driven by Playwright's Python package
 with ``executable_path``; no browser is downloaded): type a prompt, click a token and a feature, read the
-activations off the page and compare them with the Python API; colour by a chosen feature; steer; no
+activations off the page and compare them with the Python API; click a cell of the DFA heatmap and read the
+QK attribution panel; colour by a chosen feature; steer; no
 console errors; screenshots are not blank. Slow; skipped without Chromium or Playwright."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from sae_lens_attn import Site
 from sae_lens_attn.activations import harvest
-from sae_lens_attn.analysis import dfa_by_source
+from sae_lens_attn.analysis import dfa_by_source, qk_attribution
 from sae_lens_attn.explorer import ExplorerSession
 from sae_lens_attn.explorer.server import running
 from sae_lens_attn.spec import model_spec
@@ -109,6 +110,27 @@ def test_explorer_end_to_end(browser, served, tmp_path):
     assert page.locator("#plot-dfa-head .main-svg").count() >= 1
     assert "L0" in page.inner_text("#rdfa") and "Upstream features of L0.z" in page.inner_text("#upstream")
     assert "top token" in page.inner_text("#logits")
+    # a DFA cell (the top head, its top source) opens that head's QK attribution from this token to that source
+    src_dfa = ref.by_source[0, pos, :, : pos + 1, 0]
+    head = int(ref.by_head[0, pos, :, 0].argmax())
+    source = int(src_dfa[head].argmax())
+    page.locator("#plot-dfa-source").scroll_into_view_if_needed()  # mouse clicks land inside the viewport only
+    box = page.locator("#plot-dfa-source").bounding_box()
+    x, y = page.evaluate("([h, s]) => { const gd = document.getElementById('plot-dfa-source'); "
+                         "const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis; "
+                         "return [xa._offset + xa.l2p(s), ya._offset + ya.l2p(h)]; }", [head, source])
+    page.mouse.click(box["x"] + x, box["y"] + y)
+    page.wait_for_selector("#qk-summary")
+    qk = qk_attribution(model, PROMPT, 1, head, pos, source, saes=[session.saes["L0.z"].sae])
+    assert f"L1H{head} attends from {pos}" in page.inner_text("#qk-title") and f"to {source}" in page.inner_text("#qk-title")
+    cells = page.locator("#qk-summary td.num").evaluate_all("els => els.map(e => parseFloat(e.dataset.value))")
+    assert cells[0] == pytest.approx(qk.pattern[0], rel=1e-5)  # attention probability
+    assert cells[1] == pytest.approx(qk.score, rel=1e-6) and cells[2] == pytest.approx(qk.model_score, rel=1e-5)
+    shown_pairs = page.locator("#qk-pairs tr td:first-child").all_inner_texts()
+    assert shown_pairs == [q for q, _, _ in qk.top_pairs(12)]
+    contrast = float(page.get_attribute("#qk-contrast", "data-value"))
+    assert contrast == pytest.approx(qk.contrast.score, rel=1e-6)
+    assert "Through L0.z: features on both sides" in page.inner_text("#qk")
     page.screenshot(path=str(tmp_path / "detail.png"))
     _not_blank((tmp_path / "detail.png").read_bytes(), (1000, 1280))
     # colour the tokens by a chosen feature

@@ -42,7 +42,7 @@ def feature_detail(session, text: str, sae_id: str, feature: int, pos: int, n_lo
     pos = int(pos)
     ids = p.tokens[0].tolist()
     names = session.token_texts(ids)
-    out: dict = {"sae": e.id, "site": e.site.label, "feature": f, "pos": pos, "token": names[pos],
+    out: dict = {"sae": e.id, "site": e.site.label, "layer": e.site.layer, "feature": f, "pos": pos, "token": names[pos],
                  "structural": not bool(p.keep[pos]), "dashboard": e.page(f)}
     res = dfa_by_source(session.model, e.sae, p.tokens, [f], e.site)
     encoder = session.spec.kind == "encoder"

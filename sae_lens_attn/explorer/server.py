@@ -6,13 +6,14 @@ server. Everything is served locally -- the page, its script, and plotly.js from
 package -- so the explorer works offline (FastAPI's /docs page loads from a CDN, so it is switched off; the
 schema is at /openapi.json).
 
-JSON API (POST bodies are JSON; errors are ``{"detail": "..."}`` with 400 for bad input, 404 for an
-unknown SAE, 422 for a malformed body):
+JSON API (POST bodies are JSON; errors are ``{"detail": "..."}`` with 400 for bad input or a Host header
+not allowed (``hosts.py``), 404 for an unknown SAE, 422 for a malformed body or field (``fields.py``):
 
 ``GET  /api/info``         the model and the loaded SAEs
 ``POST /api/analyze``      ``{text, top_k=8}``: tokens, each SAE's top features per token
 ``POST /api/activations``  ``{text, sae, feature}``: one feature's activation on every token
 ``POST /api/feature``      ``{text, sae, feature, pos, n_logits=10, n_terms=12}``: DFA, error, RDFA, logits
+``POST /api/qk``           ``{text, layer, head, pos, source, contrast=None, n_pairs=12}``: why the head attends there
 ``POST /api/steer``        ``{text, sae, feature, coefficient, n_tokens=20, top=10}``: next-token change, continuation
 ``GET  /dashboards/<sae>/feature_<i>.html``  dashboard pages, when a folder was given for that SAE
 """
@@ -20,11 +21,13 @@ unknown SAE, 422 for a malformed body):
 # no ``from __future__ import annotations``: FastAPI reads the request models from the routes' annotations
 import json
 import socket
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .hosts import HostCheck, allowed_hosts, bind, network_warning
 from .session import MAX_TOP_K, ExplorerSession, UnknownSAEError
 
 STATIC = Path(__file__).parent / "static"
@@ -45,23 +48,28 @@ def _missing_extra(err: ImportError) -> ImportError:
                        "pip install 'sae-lens-attn[explore]'")
 
 
-def create_app(session: ExplorerSession):
-    """The FastAPI application serving ``session``."""
+def create_app(session: ExplorerSession, hosts: frozenset[str] | None = None):
+    """The FastAPI application serving ``session``, answering the Host names ``hosts`` (default: loopback)."""
     try:
         from fastapi import FastAPI, Request
-        from fastapi.responses import FileResponse, JSONResponse, Response
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import FileResponse, Response
         from fastapi.staticfiles import StaticFiles
-        from pydantic import BaseModel, Field
+        from pydantic import Field
+
+        from .fields import Body as BaseModel  # every request model is strict: true is not 1
+        from .fields import Text, validation_detail
     except ImportError as err:
         raise _missing_extra(err) from err
+    from .steer import MAX_COEFFICIENT
 
     class Analyze(BaseModel):
-        text: str
+        text: Text
         top_k: int = Field(8, ge=1, le=MAX_TOP_K)
 
     class Activations(BaseModel):
-        text: str
-        sae: str
+        text: Text
+        sae: Text
         feature: int = Field(ge=0)
 
     class Feature(Activations):
@@ -70,23 +78,41 @@ def create_app(session: ExplorerSession):
         n_terms: int = Field(12, ge=1, le=200)
 
     class Steer(Activations):
-        coefficient: float
+        coefficient: float = Field(ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT, allow_inf_nan=False)
         n_tokens: int = Field(20, ge=0, le=64)
         top: int = Field(10, ge=1, le=100)
 
+    class QK(BaseModel):
+        text: Text
+        layer: int = Field(ge=0)
+        head: int = Field(ge=0)
+        pos: int = Field(ge=0)
+        source: int = Field(ge=0)
+        contrast: int | None = Field(None, ge=0)
+        n_pairs: int = Field(12, ge=1, le=100)
+
     app = FastAPI(title="sae-lens-attn explorer", docs_url=None, redoc_url=None)
+    app.add_middleware(HostCheck, allowed=hosts if hosts is not None else allowed_hosts())
 
     def reply(obj: dict) -> Response:
         # json.dumps directly: FastAPI's generic encoder walks every number in Python, several times slower
         return Response(json.dumps(obj, allow_nan=False), media_type="application/json")
 
+    def error(detail, status: int) -> Response:  # ASCII JSON: encodes whatever text the request held
+        return Response(json.dumps({"detail": detail}), status_code=status, media_type="application/json")
+
     @app.exception_handler(UnknownSAEError)
     async def not_found(request: Request, err: UnknownSAEError):
-        return JSONResponse({"detail": str(err.args[0]) if err.args else "not found"}, status_code=404)
+        return error(str(err.args[0]) if err.args else "not found", 404)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_field(request: Request, err: RequestValidationError):
+        return error(validation_detail(err.errors()), 422)
 
     @app.exception_handler(ValueError)  # UnsupportedModelError is a ValueError: a refusal naming the family
-    async def bad_input(request: Request, err: ValueError):
-        return JSONResponse({"detail": str(err)}, status_code=400)
+    @app.exception_handler(FloatingPointError)  # an SAE whose outputs overflow on this prompt
+    async def bad_input(request: Request, err: Exception):
+        return error(str(err), 400)
 
     @app.get("/api/info")
     def info():
@@ -108,6 +134,10 @@ def create_app(session: ExplorerSession):
     def steer(req: Steer):
         return reply(session.steer(req.text, req.sae, req.feature, req.coefficient, req.n_tokens, req.top))
 
+    @app.post("/api/qk")
+    def qk(req: QK):
+        return reply(session.qk(req.text, req.layer, req.head, req.pos, req.source, req.contrast, req.n_pairs))
+
     @app.get("/")
     def index():
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -123,38 +153,34 @@ def create_app(session: ExplorerSession):
     return app
 
 
-def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening socket (port 0: a free one), so the URL is known before the server starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port (0: any free one)") from err
-    sock.listen(128)
-    return sock
-
-
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def _server(session: ExplorerSession, log_level: str):
+def _server(session: ExplorerSession, log_level: str, hosts: frozenset[str] | None = None):
     try:
         import uvicorn
     except ImportError as err:
         raise _missing_extra(err) from err
-    return uvicorn.Server(uvicorn.Config(create_app(session), log_level=log_level, lifespan="off"))
+    return uvicorn.Server(uvicorn.Config(create_app(session, hosts), log_level=log_level, lifespan="off"))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def serve(session: ExplorerSession, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-          on_ready=print) -> None:
-    """Serve until interrupted (Ctrl+C); ``on_ready(message)`` gets the URL once the socket listens."""
-    sock = bind(host, port)
-    server = _server(session, log_level)
+          on_ready=print, allow_hosts: Sequence[str] = (), sock: socket.socket | None = None, warn=_stderr) -> None:
+    """Serve until interrupted (Ctrl+C); ``on_ready(message)`` gets the URL once the socket listens.
+    ``sock``: a socket already bound to ``host`` (:func:`bind`); ``allow_hosts``: Host names answered besides
+    ``host`` and the loopback names; ``warn`` gets the no-authentication warning of a non-loopback address."""
+    sock = sock or bind(host, port)
+    hosts = allowed_hosts(host, allow_hosts)
+    server = _server(session, log_level, hosts)
+    warning = network_warning(host, hosts)
+    if warning:
+        warn(warning)
     on_ready(f"sae-lens-attn explorer: {url_of(sock)}  (Ctrl+C stops it)")
     try:
         server.run(sockets=[sock])
@@ -163,10 +189,11 @@ def serve(session: ExplorerSession, host: str = "127.0.0.1", port: int = 0, log_
 
 
 @contextmanager
-def running(session: ExplorerSession, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
+def running(session: ExplorerSession, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+            allow_hosts: Sequence[str] = ()) -> Iterator[str]:
     """Serve ``session`` from a background thread for the ``with`` block; yields the URL (tests, benchmarks)."""
     sock = bind(host, port)
-    server = _server(session, log_level)
+    server = _server(session, log_level, allowed_hosts(host, allow_hosts))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
