@@ -144,6 +144,8 @@ def _parse_features(text: str | None, d_sae: int) -> list[int] | None:
 
 
 def run_analyze(args) -> int:
+    from sae_lens_attn.evals import metrics_lines, saved_metrics
+
     from .features import StatsConfig, feature_stats
     from .heads import format_head_report, head_report
     from .induction import (
@@ -163,6 +165,10 @@ def run_analyze(args) -> int:
                     "dead_fraction": float((stats.fire_count == 0).float().mean())}
     print(f"{site.label} of {report['sae']}: {stats.n_tokens:,} tokens, {report['dead_fraction']:.1%} of "
           f"{sae.cfg.d_sae} features never fired")
+    saved = saved_metrics(sae)
+    if saved is not None:
+        print("\n".join(metrics_lines(saved)))
+        report["evaluation_at_training"] = saved
     if site.kind == "z":
         heads = head_report(sae, n_heads, site, top=args.top, density=stats.density, describe=stats.describe)
         print("\nEach head's top features by decoder-norm share (Kissane et al. 2024, section 4.1)")

@@ -65,6 +65,16 @@ def _num(v: float, fmt: str) -> str:
     return f'<td data-v="{v!r}">{v:{fmt}}</td>'
 
 
+def _evaluation(sae: SAE) -> str:
+    """The SAE's evaluation at training, unreliable ratios marked with their reason (empty when unknown)."""
+    from sae_lens_attn.evals import metrics_lines, saved_metrics
+
+    saved = saved_metrics(sae)
+    if saved is None:
+        return ""
+    return '<pre class="meta evaluation">' + html.escape("\n".join(metrics_lines(saved))) + "</pre>"
+
+
 def index_page(model, sae: SAE, stats: FeatureStats, pages: dict[int, str], site: Site | None = None,
                extra: dict[str, dict[int, float]] | None = None) -> str:
     """The index: one row per feature with density, activations, top head share, extra columns and links."""
@@ -93,6 +103,7 @@ def index_page(model, sae: SAE, stats: FeatureStats, pages: dict[int, str], site
         f"<style>{CSS}</style><h1>{html.escape(site.label)} features</h1>"
         f'<div class="meta">{html.escape(model_name(model))} &middot; {html.escape(site.hook_name)} &middot; '
         f"{stats.n_tokens:,} tokens &middot; {len(pages)} features &middot; click a column header to sort</div>"
+        f"{_evaluation(sae)}"
         '<input id="filter" type="search" placeholder="filter: feature id, head, token ..." aria-label="filter">'
         ' <span id="shown" class="meta"></span>'
         f'<table id="features">{head}<tbody>{"".join(rows)}</tbody></table>'

@@ -2,6 +2,8 @@
 
 Parts (``--parts``, comma-separated; all by default):
 
+* ``start``: next-token CE of the same text tokens after ``<|im_start|>`` (the tokenizer's BOS),
+  ``<|endoftext|>`` and no start token.
 * ``pack``: packing time of 1x / 2x / 4x one single-line text file of ``--mb`` MB, and of a folder of
   1x / 2x / 4x ``--files`` small files, read and packed by ``token_rows`` with SmolLM2's tokenizer; each
   time divided by the 1x time and by the size ratio (1.0 = exactly linear; the target is within 1.3).
@@ -71,6 +73,7 @@ def bench_pack(tok, policy, mb: int, n_files: int, reps: int, tmp: Path) -> list
     from sae_lens_attn.data import token_rows
 
     base = corpus_text(mb * 1_000_000 * 4).replace("\n", " ")
+    tmp.mkdir(parents=True, exist_ok=True)
     rows = []
     for scale in (1, 2, 4):
         single = tmp / f"line{scale}.txt"
@@ -136,6 +139,31 @@ def bench_harvest(model, rows, reps: int) -> dict:
     return {"tokens": n_tok, "hf_tok_s": n_tok / tb, "harvest_tok_s": n_tok / to, "ratio": tb / to}
 
 
+def bench_start(model, data: Path, n_rows: int = 16) -> dict:
+    """Mean next-token CE (nats) of the same text tokens after each start-token choice."""
+    import torch
+    import torch.nn.functional as F
+
+    from sae_lens_attn.data import token_rows
+    from sae_lens_attn.tokens import TokenPolicy
+
+    tok = model.tokenizer
+    body = token_rows(data, tok, 127, TokenPolicy("none"), max_rows=n_rows)
+    targets = body[:, 1:]
+    out = {}
+    for name in ("<|im_start|>", "<|endoftext|>", None):
+        if name is None:
+            tokens, first = body, 0
+        else:
+            col = torch.full((body.shape[0], 1), tok.convert_tokens_to_ids(name))
+            tokens, first = torch.cat([col, body], 1), 1
+        with torch.inference_mode():
+            logits = model(tokens, return_type="logits")[:, first : first + targets.shape[1]]
+        out[name or "none"] = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), targets.reshape(-1)))
+    out["tokens"] = int(targets.numel())
+    return out
+
+
 def bench_train(gguf: Path, data: Path, eval_rows: int, tokens: int, tmp: Path) -> dict:
     out = tmp / f"run{eval_rows}"
     cmd = [sys.executable, "-m", "sae_lens_attn.training.cli", "train", "--model", str(gguf), "--layers", str(LAYER),
@@ -159,7 +187,7 @@ def bench_train(gguf: Path, data: Path, eval_rows: int, tokens: int, tmp: Path) 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="pack,data,harvest,train")
+    p.add_argument("--parts", default="start,pack,data,harvest,train")
     p.add_argument("--mb", type=int, default=20, help="size of the 1x single-line file (MB)")
     p.add_argument("--files", type=int, default=10_000, help="small files in the 1x folder")
     p.add_argument("--data-mb", type=int, default=8, help="text for the data-path throughput (MB)")
@@ -183,6 +211,8 @@ def main(argv=None) -> dict:
                  "corpus": str(PY_DOCS) if PY_DOCS.is_dir() else "sample_text.txt repeated"}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if "start" in parts:
+            res["start"] = bench_start(model, PY_DOCS if PY_DOCS.is_dir() else _sample())
         if "pack" in parts:
             res["pack"] = bench_pack(tok, policy, args.mb, args.files, max(1, args.reps - 1), tmp / "pack")
         if "data" in parts:
@@ -190,7 +220,7 @@ def main(argv=None) -> dict:
         if "harvest" in parts:
             from sae_lens_attn.data import token_rows
 
-            rows = token_rows(PY_DOCS if PY_DOCS.is_dir() else None or _sample(), tok, 128, policy, max_rows=16)
+            rows = token_rows(PY_DOCS if PY_DOCS.is_dir() else _sample(), tok, 128, policy, max_rows=16)
             res["harvest"] = bench_harvest(model, rows, args.reps + 2)
         if "train" in parts:
             data = PY_DOCS if PY_DOCS.is_dir() else _sample()
@@ -213,6 +243,10 @@ def _sample() -> Path:
 def markdown(res: dict) -> str:
     out = [f"Machine: {res['machine']}; threads {res['threads']}; load {res['load_before']} -> {res['load_after']}; "
            f"corpus {res['corpus']}", f"Command: `{res['command']}`", ""]
+    if "start" in res:
+        st = res["start"]
+        out += [f"Next-token CE of the same {st['tokens']:,} text tokens after each start token: "
+                + ", ".join(f"`{k}` {v:.3f}" for k, v in st.items() if k != "tokens"), ""]
     if "pack" in res:
         out += ["Packing time against size (1.0 = linear):", "", _report.markdown_table(
             ["input", "scale", "bytes", "seconds", "time ratio / size ratio"],

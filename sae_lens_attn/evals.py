@@ -23,8 +23,10 @@ the number of evaluation rows.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -252,3 +254,47 @@ def format_metrics_table(metrics: list[SAEMetrics]) -> str:
     if counted:
         foot.append(f"dead: latents that never fired on the {', '.join(f'{n:,}' for n in counted)} evaluation tokens")
     return "\n".join([line, "-" * len(line), *body, *flags, *foot, *notes])
+
+
+#: An SAE folder's own copy of its evaluation at the end of training (the run folder's metrics.json lists
+#: every site): it travels with the folder, so analysis, the explorer and the dashboards can show it.
+SITE_METRICS = "metrics.json"
+
+
+def saved_metrics(sae) -> dict | None:
+    """The evaluation saved with ``sae`` at training (its folder's ``metrics.json``, else the run folder's
+    entry for its site), or None when it has none (an SAE from elsewhere)."""
+    src = getattr(sae, "source", None)
+    if not src or not Path(src).is_dir():
+        return None
+    folder = Path(src)
+    try:
+        if (folder / SITE_METRICS).is_file():
+            d = json.loads((folder / SITE_METRICS).read_text())
+            return d if isinstance(d, dict) else None
+        if (folder.parent / SITE_METRICS).is_file():
+            entries = json.loads((folder.parent / SITE_METRICS).read_text())
+            return next((e for e in entries if isinstance(e, dict) and e.get("site") == folder.name), None)
+    except (OSError, ValueError):  # a damaged metrics file is not the SAE: show nothing rather than fail
+        return None
+    return None
+
+
+def metrics_lines(d: dict) -> list[str]:
+    """A saved evaluation (:func:`saved_metrics`) as text lines, with every unreliable ratio marked ``*`` and
+    its reason, the raw losses beside the ratios, and what ``dead`` was counted over."""
+    def pct(key: str) -> str:
+        v = d.get(key)
+        return "refused" if v is None else f"{v:.1%}" + ("*" if d.get(f"{key}_note") else "")
+
+    def num(key: str, fmt: str = ".3f") -> str:
+        return "refused" if d.get(key) is None else format(d[key], fmt)
+
+    lines = [f"evaluation at training: L0 {d.get('l0', 0):.1f}, FVU {d.get('fvu', 0):.3f}, CE recovered "
+             f"{pct('ce_recovered_zero')} (zero-abl.) / {pct('ce_recovered_mean')} (mean-abl.), KL {num('kl_spliced', '.4f')}",
+             f"  CE clean {num('ce_clean')}, spliced {num('ce_spliced')}, zero-ablated {num('ce_zero_ablated')}, "
+             f"mean-ablated {num('ce_mean_ablated')}; dead {d.get('dead_fraction', 0):.1%}"
+             + (f" of the latents on {d['dead_tokens']:,} evaluation tokens" if d.get("dead_tokens") else "")]
+    lines += [f"  * CE recovered ({how}): {d[f'ce_recovered_{how}_note']}" for how in ("zero", "mean")
+              if d.get(f"ce_recovered_{how}_note")]
+    return lines

@@ -63,11 +63,11 @@ def loss_input(tokens: torch.Tensor, spec: ModelSpec, seed: int = MASK_SEED) -> 
     return LossInput(masked, targets)
 
 
-#: Elements of a float64 temporary in :func:`token_losses` / :func:`kl_per_position` (128 MiB): positions
+#: Elements of a float64 temporary in :func:`token_losses` / :func:`kl_per_position` (32 MiB): positions
 #: are reduced in slices of ``SLICE_ELEMENTS // vocab``, so a 49k-entry vocabulary never costs a float64
 #: copy of a whole chunk's logits. Each position's value depends only on its own row of logits, so the
 #: slicing leaves every number bit-identical.
-SLICE_ELEMENTS = 1 << 24
+SLICE_ELEMENTS = 1 << 22
 
 
 def _position_slices(n_positions: int, vocab: int) -> range:

@@ -153,3 +153,27 @@ def test_training_tokens_records_what_was_trained(tiny_neox_dir, tmp_path):
     assert log[-1]["dead_fraction"] is None and "fewer than the 250,000-token dead window" in log[-1]["dead_note"]
     assert any("dead window" in line for line in lines)
     assert dataclasses.asdict(result.metrics[0])["dead_tokens"] > 0
+
+
+def test_saved_evaluation_travels_with_the_sae_and_is_shown_with_its_flags(tiny_neox_dir, tmp_path):
+    from sae_lens_attn import SAE, TrainConfig, train
+    from sae_lens_attn.analysis.dashboard_index import _evaluation
+    from sae_lens_attn.evals import metrics_lines, saved_metrics
+    from sae_lens_attn.explorer.session import LoadedSAE
+
+    run = tmp_path / "run"
+    train(TrainConfig(model=tiny_neox_dir, tokens=128, batch_size=64, context_size=16, eval_rows=2,
+                      out_dir=str(run), progress=False), log=lambda *a: None)
+    listed = json.loads((run / "metrics.json").read_text())[0]
+    sae = SAE.load(run / "L1.z")
+    assert saved_metrics(sae) == listed == json.loads((run / "L1.z" / "metrics.json").read_text())
+    (run / "L1.z" / "metrics.json").unlink()  # an older run: the run folder's list still answers
+    assert saved_metrics(SAE.load(run / "L1.z")) == listed
+    flagged = {**listed, "ce_recovered_mean": -0.612,
+               "ce_recovered_mean_note": recovered_note(listed["ce_clean"] - 0.02, listed["ce_clean"], "mean")}
+    lines = metrics_lines(flagged)
+    assert "-61.2%* (mean-abl.)" in lines[0] and lines[-1].startswith("  * CE recovered (mean): mean-ablating")
+    assert f"on {listed['dead_tokens']:,} evaluation tokens" in lines[1]
+    assert "evaluation at training" in _evaluation(sae)
+    described = LoadedSAE("L1.z", sae, __import__("sae_lens_attn").Site(1)).describe()["evaluation"]
+    assert described["lines"] == metrics_lines(listed) and described["fvu"] == listed["fvu"]

@@ -185,7 +185,7 @@ def test_full_disk_at_the_end_of_a_cli_run_is_one_line_and_keeps_the_saes(tiny_n
     """Issue case 3 through the CLI: ENOSPC at a chosen byte of the last file (metrics.json) is one line on
     stderr naming the file, the bytes needed and the free space; exit 2; the SAEs saved before load."""
     out = tmp_path / "run"
-    WriteFault(monkeypatch, ".metrics.json.", at_byte=50)
+    WriteFault(monkeypatch, ".metrics.json.", at_byte=50, nth=2)  # 1st: the SAE folder's copy; 2nd: the run's list
     rc = main(["train", "--model", tiny_neox_dir, "--dataset", str(text_file), "--out-dir", str(out), "--tokens",
                "1280", "--batch-size", "64", "--context-size", "32", "--eval-rows", "4", "--k", "4",
                "--expansion-factor", "1", "--checkpoint-every", "10", "--progress", "false"])

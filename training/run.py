@@ -37,7 +37,7 @@ from sae_lens_attn.activations import SiteBatch, activation_batches, check_sites
 from sae_lens_attn.cache import CachedActivations, write_cache
 from sae_lens_attn.data import check_text_source
 from sae_lens_attn.devices import check_device
-from sae_lens_attn.evals import SAEMetrics, evaluate_sae, format_metrics_table
+from sae_lens_attn.evals import SITE_METRICS, SAEMetrics, evaluate_sae, format_metrics_table
 from sae_lens_attn.files import write_json, write_text
 from sae_lens_attn.models import SAMPLE_TEXT, describe_tokens, load_model, model_name, token_policy
 from sae_lens_attn.sae import SAE, SAEConfig
@@ -358,6 +358,7 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
         for site, sae in all_saes.items():
             path = sae.save(out_dir / site.label, sparsity[site])
             m, _ = evaluate_sae(model, sae, site, eval_rows)
+            write_json(path / SITE_METRICS, m.as_dict(), indent=2)  # travels with the SAE folder
             metrics.append(m)
             log(f"saved {site.label} -> {path}")
         write_json(out_dir / "metrics.json", [m.as_dict() for m in metrics], indent=2)

@@ -10,6 +10,7 @@ dicts (the server only routes them):
   strongest feature per token, and the SAE's reconstruction error per token;
 * :meth:`~ExplorerSession.activations` -- one chosen feature's activation on every token;
 * :meth:`~ExplorerSession.feature` -- one feature at one token (see :mod:`.detail`);
+* :meth:`~ExplorerSession.qk` -- why a head attends from a token to a source (see :mod:`.qk`);
 * :meth:`~ExplorerSession.steer` -- next-token distribution and greedy continuation with a feature added
   (see :mod:`.steer`).
 
@@ -35,6 +36,7 @@ import torch
 from sae_lens_attn.activations import harvest
 from sae_lens_attn.analysis._common import HeadEncoder, decode_token, head_encoder, sae_site
 from sae_lens_attn.analysis.heads import head_shares
+from sae_lens_attn.evals import metrics_lines, saved_metrics
 from sae_lens_attn.models import model_device, model_name
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
@@ -73,7 +75,12 @@ class LoadedSAE:
                 "kind": self.site.kind, "head": self.site.head, "architecture": self.sae.architecture,
                 "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k if self.sae.architecture == "topk" else None,
                 "path": self.path, "dashboard": self.dashboard is not None,
-                "dashboard_features": len(self.dashboard_features)}
+                "dashboard_features": len(self.dashboard_features), "evaluation": self._evaluation()}
+
+    def _evaluation(self) -> dict | None:
+        """Its evaluation at training, with ``lines``: unreliable CE-recovered ratios marked and explained."""
+        saved = saved_metrics(self.sae)
+        return None if saved is None else {**saved, "lines": metrics_lines(saved)}
 
     def page(self, feature: int) -> str | None:
         """The feature's dashboard URL under the server, or None."""
@@ -175,6 +182,11 @@ class ExplorerSession:
         """``text`` by the project's tokenization policy; too long or empty prompts are refused."""
         if not isinstance(text, str):
             raise ValueError("the prompt must be a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate, which JSON can escape and no tokenizer encodes
+            raise ValueError(f"text: character {err.start} is a lone UTF-16 surrogate, not text; send valid "
+                             "Unicode") from None
         ids = self.spec.tokens.encode(self.model.tokenizer, text)
         n_ctx = int(self.model.cfg.n_ctx)
         if len(ids) > n_ctx:
@@ -276,6 +288,14 @@ class ExplorerSession:
         with self.lock:
             return feature_detail(self, text, sae_id, feature, pos, n_logits, n_terms)
 
+    def qk(self, text: str, layer: int, head: int, pos: int, source: int, contrast: int | None = None,
+           n_pairs: int = 12) -> dict:
+        """Why ``head`` of ``layer`` attends from token ``pos`` to ``source``: its QK attribution (see :mod:`.qk`)."""
+        from .qk import qk_detail
+
+        with self.lock:
+            return qk_detail(self, text, layer, head, pos, source, contrast, n_pairs)
+
     def steer(self, text: str, sae_id: str, feature: int, coefficient: float, n_tokens: int = 20, top: int = 10) -> dict:
         """The next-token distribution and a greedy continuation with ``coefficient * W_dec[feature]`` added."""
         from .steer import steer_prompt
@@ -296,5 +316,8 @@ class ExplorerSession:
         names = {s.cfg.metadata.get("model_name") for s in saes} if model is None else {model}
         if len(names) != 1:
             raise ValueError(f"the SAEs name different models {sorted(map(str, names))}: pass --model to choose one")
-        loaded = load_model(names.pop(), device=device)
+        starts = {s.cfg.metadata.get("start_token") for s in saes} - {None}
+        if len(starts) > 1:
+            raise ValueError(f"the SAEs were trained with different start tokens {sorted(starts)}: explore them separately")
+        loaded = load_model(names.pop(), device=device, start_token=starts.pop() if starts else None)
         return cls(loaded, saes, dashboards, paths=[str(d) for d in sae_dirs])

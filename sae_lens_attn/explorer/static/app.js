@@ -102,8 +102,10 @@ function renderPanels() {
         text: rowText(t.text), onclick: () => selectToken(t.pos) }));
     }
     const title = `${info.site} \u00b7 ${info.architecture}${info.k ? " k=" + info.k : ""} \u00b7 ${info.d_sae} features`;
+    // the evaluation saved at training, unreliable CE-recovered ratios marked * with their reason
+    const evaluation = info.evaluation ? el("pre", { class: "meta evaluation", text: info.evaluation.lines.join("\n") }) : "";
     grid.append(el("div", { class: "sae-panel", "data-sae": s.id }, el("h2", { text: s.id }),
-      el("div", { class: "meta", text: title }), colourBy, toks, el("div", { class: "features" })));
+      el("div", { class: "meta", text: title }), evaluation, colourBy, toks, el("div", { class: "features" })));
     colourTokens(s.id);
   }
 }
@@ -194,7 +196,10 @@ function renderDetail(d) {
   const srcCard = el("div", { class: "card" }, el("h3", { text: "DFA by head and source position" }));
   const dfaSrc = el("div", { class: "plot", id: "plot-dfa-source" });
   srcCard.append(dfaSrc);
-  grid.append(dfaCard, srcCard, rdfaCard(d), upstreamCard(d), headsLogitsCard(d), steerCard(d));
+  const qk = el("div", { class: "card", id: "qk" }, el("h3", { text: "Why a head attends there: QK attribution" }),
+    el("p", { class: "meta", text: "click a cell of the heatmap (a head and a source) to split that head's attention " +
+      "score from this token to that source into query term \u00d7 key term pairs" }));
+  grid.append(dfaCard, srcCard, qk, rdfaCard(d), upstreamCard(d), headsLogitsCard(d), steerCard(d));
   box.replaceChildren(title, links, grid);
   const heads = d.dfa_by_head.map((_, h) => `H${h}`);
   plot(dfaHead, [{ type: "bar", x: heads, y: d.dfa_by_head, marker: { color: "#4c78a8" } }],
@@ -203,6 +208,61 @@ function renderDetail(d) {
   plot(dfaSrc, [{ type: "heatmap", z: d.dfa_by_source, x: labels, y: heads, colorscale: DIVERGING, zmid: 0,
     hovertemplate: "%{y} from %{x}<br>DFA %{z:.4g}<extra></extra>" }],
   { height: 140 + 22 * heads.length, xaxis: { tickangle: -60, automargin: true, tickfont: { size: 9 } } });
+  // a cell is (head, source): show that head's QK attribution from this token to that source
+  if (dfaSrc.on) dfaSrc.on("plotly_click", (ev) => {
+    const [h, i] = ev.points[0].pointIndex;
+    showQK(d, h, d.sources[i].pos);
+  });
+}
+
+// --- why a head attends there: QK attribution -----------------------------------------------------------
+async function showQK(d, head, source) {
+  const card = $("#qk");
+  card.replaceChildren(el("h3", { text: `Why L${d.layer}H${head} attends from ${d.pos} to ${source}` }),
+    el("p", { class: "meta", text: "computing\u2026" }));
+  try {
+    const r = await api("/api/qk", { text: state.text, layer: d.layer, head, pos: d.pos, source });
+    renderQK(card, r);
+  } catch (err) { card.append(el("p", { class: "error", text: err.message })); }
+}
+
+function termRows(rows, link = false) {
+  return rows.map((r) => el("tr", {}, el("td", {}, link && r.dashboard ? el("a", { href: r.dashboard, target: "_blank",
+    text: r.name }) : r.name), numCell(r.value)));
+}
+
+function pairTable(pairs, id) {
+  return table(["query term", "key term", "score part"], pairs.map((p) => el("tr", {}, el("td", { text: p.query }),
+    el("td", { text: p.key }), numCell(p.value))), id ? { id } : {});
+}
+
+function sidesTables(a, link = false) {
+  return el("div", { class: "sides" }, table(["query side", "total"], termRows(a.query_totals.slice(0, 8), link)),
+    table(["key side", "total"], termRows(a.key_totals.slice(0, 8), link)));
+}
+
+function renderQK(card, r) {
+  const title = `Why L${r.layer}H${r.head} attends from ${r.query_pos} \u201c${tokText(r.query_token || "")}\u201d to ` +
+    `${r.key_pos} \u201c${tokText(r.key_token || "")}\u201d`;
+  card.replaceChildren(el("h3", { id: "qk-title", text: title }));
+  if (r.refused) { refused(card, r); return; }
+  const sum = table(["quantity", "value"], [
+    ["attention probability", r.pattern[0]], ["score (sum of the parts)", r.score],
+    ["the model's own score", r.model_score], ["|parts - model|", r.sum_error]].map(([k, v]) =>
+    el("tr", {}, el("td", { text: k }), numCell(v))), { id: "qk-summary" });
+  card.append(sum, el("div", { class: "meta", text: [r.check, ...r.notes].join("; ") }),
+    el("h3", { text: "Largest query term \u00d7 key term pairs" }), pairTable(r.pairs, "qk-pairs"), sidesTables(r));
+  if (r.contrast) {
+    const c = r.contrast;
+    card.append(el("h3", { text: `Contrast: rather than ${c.contrast_pos} \u201c${tokText(c.token)}\u201d (attention ` +
+      `${fmt(c.pattern[1])})` }), el("div", { class: "meta", id: "qk-contrast", "data-value": String(c.score),
+      text: `score(${r.key_pos}) - score(${c.contrast_pos}) = ${fmt(c.score)}` }), pairTable(c.pairs.slice(0, 6)), sidesTables(c));
+  }
+  for (const f of r.features) {
+    card.append(el("h3", { text: `Through ${f.sae}: features on both sides` }), pairTable(f.pairs.slice(0, 8)),
+      sidesTables(f, true));
+  }
+  if (!r.features.length) card.append(el("p", { class: "meta", text: "load an SAE at an earlier layer (--sae) to see its features here" }));
 }
 
 function rdfaCard(d) {
