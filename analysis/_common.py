@@ -1,7 +1,7 @@
 """Shared plumbing for the analysis modules: which site an SAE reads, the SAE's encoder seen per head,
 feature directions in the residual stream, and cached forward passes.
 
-Everything here is linear algebra on the formulas of DESIGN.md ("Formulas the analysis rests on"); the one
+Everything here is linear algebra on the formulas of ARCHITECTURE.md ("Formulas the analysis rests on"); the one
 place heads are split is :func:`sae_lens_attn.sites.split_heads` (via einops).
 """
 
@@ -14,6 +14,7 @@ import einops
 import torch
 from jaxtyping import Float, Int
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.models import model_device
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site, split_heads
@@ -30,7 +31,7 @@ def sae_site(sae: SAE, site: Site | None = None) -> Site:
     meta = sae.cfg.metadata or {}
     hook = meta.get("hook_name")
     if not hook:
-        raise ValueError("the SAE's metadata has no hook_name; pass site=Site(layer, kind) explicitly")
+        raise InputError("the SAE's metadata has no hook_name; pass site=Site(layer, kind) explicitly")
     return Site.parse(str(hook), head=meta.get("hook_head_index"))
 
 
@@ -40,7 +41,7 @@ def feature_ids(features: FeatureIds, d_sae: int) -> Int[torch.Tensor, " f"]:
         return torch.arange(d_sae)
     ids = torch.as_tensor([features] if isinstance(features, int) else features, dtype=torch.long).reshape(-1)
     if ids.numel() and (ids.min() < 0 or ids.max() >= d_sae):
-        raise ValueError(f"feature ids must be in [0, {d_sae}), got {ids.tolist()}")
+        raise InputError(f"feature ids must be in [0, {d_sae}), got {ids.tolist()}")
     return ids
 
 
@@ -78,7 +79,7 @@ def head_encoder(model, sae: SAE, site: Site, features: FeatureIds = None) -> He
 def decoder_head_blocks(sae: SAE, site: Site, n_heads: int) -> Float[torch.Tensor, "d_sae n_heads d_head"]:
     """W_dec split into head blocks (head-major, as :meth:`Site.flatten` concatenates them)."""
     if site.kind != "z":
-        raise ValueError(
+        raise InputError(
             f"site {site.label} is hook_attn_out: its decoder has no head blocks; weight-based head attribution "
             "needs a hook_z SAE (use DFA, which works for both)"
         )
@@ -151,7 +152,7 @@ def text_tokens(model, texts: str | Sequence[str]) -> Int[torch.Tensor, "batch p
     policy = model_spec(model).tokens
     ids = [policy.encode(model.tokenizer, t) for t in texts]
     if len({len(r) for r in ids}) != 1:
-        raise ValueError("texts tokenize to different lengths; pass one text at a time or token ids")
+        raise InputError("texts tokenize to different lengths; pass one text at a time or token ids")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -176,7 +177,7 @@ def run_cache(model, tokens: torch.Tensor, names: Sequence[str], stop_at_layer: 
     wanted = set(names)
     missing = sorted(n for n in wanted if n not in model.hook_dict)
     if missing:
-        raise ValueError(f"this model has no hook(s) {missing}")
+        raise InputError(f"this model has no hook(s) {missing}")
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted, stop_at_layer=stop_at_layer)
     out = {n: cache[n] for n in wanted if n in cache}

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from sae_lens_attn.activations import splice
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.models import model_device
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
@@ -36,10 +37,10 @@ def position_mask(positions: Positions, tokens: torch.Tensor) -> torch.Tensor:
     positions = torch.as_tensor(positions)
     if positions.dtype == torch.bool:
         if positions.shape != tokens.shape:
-            raise ValueError(f"a position mask must have the tokens' shape {tuple(tokens.shape)}, got {tuple(positions.shape)}")
+            raise InputError(f"a position mask must have the tokens' shape {tuple(tokens.shape)}, got {tuple(positions.shape)}")
         return positions.to(tokens.device)
     if positions.shape != (tokens.shape[0],):
-        raise ValueError(f"positions must be one index per row ({tokens.shape[0]},), got {tuple(positions.shape)}")
+        raise InputError(f"positions must be one index per row ({tokens.shape[0]},), got {tuple(positions.shape)}")
     m = torch.zeros_like(tokens, dtype=torch.bool)
     m[torch.arange(tokens.shape[0]), positions.to(tokens.device)] = True
     return m
@@ -159,7 +160,7 @@ def ablate_features(
         sel = mu.to(sae.W_enc.device)[ids.to(sae.W_enc.device)]
         edit = _set_features(ids, sae.cfg.d_sae, mask, lambda cur: sel.to(cur.device).expand_as(cur))
     else:
-        raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
+        raise InputError(f"mode must be 'zero' or 'mean', got {mode!r}")
     return run_spliced(model, sae, tokens, site, edit).logits
 
 
@@ -176,7 +177,7 @@ def patch_features(
     """Noising: logits of the clean run with ``features`` at ``positions`` set to their values on the
     corrupted prompt (same shape; the clean run's error term kept)."""
     if clean.shape != corrupted.shape:
-        raise ValueError(f"clean and corrupted tokens must have one shape, got {tuple(clean.shape)} and {tuple(corrupted.shape)}")
+        raise InputError(f"clean and corrupted tokens must have one shape, got {tuple(clean.shape)} and {tuple(corrupted.shape)}")
     corr = run_spliced(model, sae, corrupted, site).features
     clean = clean.to(model_device(model))
     mask = position_mask(positions, clean)

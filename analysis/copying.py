@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.spec import UnsupportedModelError, model_spec
 
 
@@ -92,7 +93,7 @@ def repeated_name_prompts(model, text: str, n: int = 64, window: int = 96, seed:
         if len(rows["ans"]) >= n:
             break
     if len(rows["ans"]) < n:
-        raise ValueError(f"the text has only {len(rows['ans'])} repeated multi-piece names within {window} tokens of "
+        raise InputError(f"the text has only {len(rows['ans'])} repeated multi-piece names within {window} tokens of "
                          f"each other; pass more text or a smaller n")
     return CopyDataset(torch.tensor(rows["clean"]), torch.tensor(rows["corr"]), torch.tensor(rows["ans"]),
                        torch.tensor(rows["alt"]), torch.tensor(rows["earlier"]))

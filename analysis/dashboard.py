@@ -16,10 +16,10 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import ensure_dir, write_json, write_text
 from sae_lens_attn.models import model_name
 from sae_lens_attn.sae import SAE
@@ -38,6 +38,7 @@ from .dashboard_figures import (
     source_profile_figure,
     tok_text,
 )
+from .dashboard_html import PLOTLY_FILE, PlotlyJS, document
 from .dashboard_index import index_page
 from .dashboard_select import default_features, induction_scores_or_none
 from .features import Example, FeatureStats, logit_effects
@@ -46,26 +47,6 @@ from .qk import qk_attribution
 
 __all__ = ["PLOTLY_FILE", "DashboardConfig", "DashboardFiles", "default_features", "feature_page", "index_page",
            "write_dashboards"]
-
-PlotlyJS = Literal["inline", "file"]
-PLOTLY_FILE = "plotly.min.js"
-
-CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px; color: #222; background: #fff; }
-h1 { font-size: 22px; margin: 0 0 4px 0; } h2 { font-size: 17px; margin: 22px 0 8px 0; }
-.meta { color: #555; font-size: 14px; }
-/* explicit grid tracks: a card's width is known before the figures after it exist, so plotly sizes it right */
-.grid { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 12px; }
-@media (max-width: 900px) { .grid { grid-template-columns: minmax(0, 1fr); } }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px; overflow: hidden; }
-.ex { font-family: ui-monospace, Menlo, monospace; font-size: 13px; padding: 3px 0; border-bottom: 1px solid #eee;
-      white-space: pre-wrap; }
-.ex .val { display: inline-block; width: 64px; color: #666; }
-.ex span[title] { border-radius: 2px; } .tok.center { outline: 1.5px solid #c0392b; }
-table { border-collapse: collapse; font-size: 14px; } td, th { padding: 4px 10px; border-bottom: 1px solid #eee; text-align: left; }
-th { background: #f4f4f4; } a { color: #1f5fa8; }
-"""
-
 
 @dataclass
 class DashboardConfig:
@@ -86,10 +67,10 @@ class DashboardConfig:
 
     def __post_init__(self) -> None:
         if self.plotlyjs not in ("inline", "file"):
-            raise ValueError(f"DashboardConfig.plotlyjs must be 'inline' or 'file', got {self.plotlyjs!r}")
+            raise InputError(f"DashboardConfig.plotlyjs must be 'inline' or 'file', got {self.plotlyjs!r}")
         for name in ("n_top", "max_offset"):
             if getattr(self, name) < 1:
-                raise ValueError(f"DashboardConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"DashboardConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -193,16 +174,6 @@ def feature_page(model, sae: SAE, stats: FeatureStats, feature: int, site: Site 
             parts.append(f'<div class="meta">activation {html.escape(label)}</div>')
             parts += [_example_html(tok, ex, vmax) for ex in group]
     return document(f"Feature {feature} - {site.label}", "\n".join(parts), cfg.plotlyjs)
-
-
-def document(title: str, body: str, plotlyjs: PlotlyJS | None, script: str = "") -> str:
-    """A whole page: ``<script src=plotly.min.js>`` in the head for ``file`` mode, ``script`` at the end."""
-    head_js = f'<script src="{PLOTLY_FILE}"></script>' if plotlyjs == "file" else ""
-    tail = f"<script>{script}</script>" if script else ""
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f'<link rel="icon" href="data:,"><style>{CSS}</style>{head_js}</head><body>\n{body}\n{tail}</body></html>\n'
-    )
 
 
 def _write_plotly(out: Path) -> None:

@@ -11,6 +11,7 @@ from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 
 from ._common import sae_site
+from .dashboard_html import document
 from .features import FeatureStats
 from .heads import head_shares
 
@@ -78,8 +79,6 @@ def _evaluation(sae: SAE) -> str:
 def index_page(model, sae: SAE, stats: FeatureStats, pages: dict[int, str], site: Site | None = None,
                extra: dict[str, dict[int, float]] | None = None) -> str:
     """The index: one row per feature with density, activations, top head share, extra columns and links."""
-    from .dashboard import document
-
     site = sae_site(sae, site)
     shares = head_shares(sae, int(model.cfg.n_heads), site).cpu() if site.kind == "z" else None
     extra = extra or {}

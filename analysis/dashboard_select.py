@@ -9,6 +9,7 @@ Kissane et al. 2024, section 4.2), among those that fire on enough of those toke
 
 from __future__ import annotations
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 from sae_lens_attn.spec import UnsupportedModelError
@@ -21,7 +22,7 @@ def density_spread(stats: FeatureStats, n: int) -> list[int]:
     """``n`` features at evenly spaced density quantiles (the (i + 1/2)/n quantiles) of the tracked features
     that fired, rarest first; all of them when fewer fired."""
     if n < 0:
-        raise ValueError(f"the number of features must be >= 0, got {n}")
+        raise InputError(f"the number of features must be >= 0, got {n}")
     alive = (stats.fire_count > 0).nonzero()[:, 0]
     order = alive[stats.density[alive].argsort(stable=True)].tolist()
     if len(order) <= n:

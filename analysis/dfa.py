@@ -32,6 +32,7 @@ import einops
 import torch
 from jaxtyping import Float, Int
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 from sae_lens_attn.spec import model_spec
@@ -115,7 +116,7 @@ def dfa_by_source(
     """DFA by head and source position of ``features`` (a few: the output is [batch, pos, head, pos, f])."""
     site = sae_site(sae, site)
     if features is None:
-        raise ValueError("dfa_by_source needs explicit features: its output grows as pos^2 * n_heads * n_features")
+        raise InputError("dfa_by_source needs explicit features: its output grows as pos^2 * n_heads * n_features")
     ids = feature_ids(features, sae.cfg.d_sae)
     tokens = as_tokens(model, tokens, sae)
     L = site.layer

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 
 from sae_lens_attn.activations import harvest
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 from sae_lens_attn.spec import UnsupportedModelError, model_spec, norm_affine
@@ -69,12 +70,12 @@ class StatsConfig:
     def __post_init__(self) -> None:
         for name in ("n_top", "n_samples", "batch_rows"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"StatsConfig.{name} must be positive, got {getattr(self, name)}")
+                raise InputError(f"StatsConfig.{name} must be positive, got {getattr(self, name)}")
         for name in ("ctx_left", "ctx_right"):
             if getattr(self, name) < 0:
-                raise ValueError(f"StatsConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise InputError(f"StatsConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.min_separation is not None and self.min_separation < 1:
-            raise ValueError(f"StatsConfig.min_separation must be >= 1 (or None), got {self.min_separation}")
+            raise InputError(f"StatsConfig.min_separation must be >= 1 (or None), got {self.min_separation}")
 
     @property
     def window(self) -> int:
@@ -294,46 +295,73 @@ def feature_stats(
     gen = torch.Generator().manual_seed(cfg.seed)
     top = _empty_pool(n_feat, cfg.n_top, cfg.window)
     samples = _empty_pool(n_feat, cfg.n_samples, cfg.window)
-    fire = torch.zeros(n_feat, dtype=torch.long)
-    act_sum = torch.zeros(n_feat, dtype=torch.float64)
-    max_act = torch.zeros(n_feat)
-    n_bins = len(HIST_EDGES) - 1
-    hist = torch.zeros(n_feat * n_bins, dtype=torch.long)
+    moments = _Moments(n_feat)
     policy = model_spec(model).tokens
     n_tokens, row0 = 0, 0
     for batch in _row_batches(rows, cfg.batch_rows):
         if max_tokens is not None and n_tokens >= max_tokens:
             break
         batch = batch.long().cpu()
-        h = harvest(model, batch, [site], drop_bos=False)
-        x = h.acts[site].to(sae.W_enc.device, sae.W_enc.dtype)
-        acts = sae.encode(x)[..., ids.to(x.device)].float().cpu()  # [b, pos, F]
-        text = policy.keep(batch)
-        acts = acts.masked_fill(~text[..., None], 0.0)
+        acts, text = _batch_acts(model, sae, site, ids, policy, batch)
         b, seq, _ = acts.shape
         n_tokens += int(text.sum())
         flat = acts.reshape(b * seq, n_feat)
         firing = flat > 0
-        fire += firing.sum(0)
-        act_sum += flat.double().sum(0)
-        max_act = torch.maximum(max_act, flat.max(0).values)
-        tok_idx, f_idx = firing.nonzero(as_tuple=True)
-        bins = (torch.bucketize(flat[tok_idx, f_idx], HIST_EDGES) - 1).clamp(0, n_bins - 1)
-        hist.index_add_(0, f_idx * n_bins + bins, torch.ones_like(bins))
-        tok_pad = torch.nn.functional.pad(batch, (cfg.ctx_left, cfg.ctx_right), value=-1)
-        act_pad = torch.nn.functional.pad(acts, (0, 0, cfg.ctx_left, cfg.ctx_right))
-        key_top = row_maxima(acts.masked_fill(acts <= 0, float("-inf")), cfg.separation).reshape(b * seq, n_feat)
-        top = _merge(top, key_top, flat, tok_pad, act_pad, row0, cfg)
-        key_rand = torch.rand(flat.shape, generator=gen).masked_fill(~firing, float("-inf"))
-        samples = _merge(samples, key_rand, flat, tok_pad, act_pad, row0, cfg)
+        moments.add(flat, firing)
+        top, samples = _merge_examples(top, samples, batch, acts, firing, row0, cfg, gen)
         row0 += b
     if n_tokens == 0:
-        raise ValueError("feature_stats saw no (non-BOS) tokens")
+        raise InputError("feature_stats saw no (non-BOS) tokens")
     stats = FeatureStats(
-        ids, site, n_tokens, fire, act_sum.float(), max_act, hist.reshape(n_feat, n_bins), HIST_EDGES.clone(),
-        top, samples, cfg.ctx_left, model.tokenizer, rows if isinstance(rows, torch.Tensor) else None,
+        ids, site, n_tokens, moments.fire, moments.act_sum.float(), moments.max_act,
+        moments.hist.reshape(n_feat, moments.n_bins), HIST_EDGES.clone(), top, samples, cfg.ctx_left,
+        model.tokenizer, rows if isinstance(rows, torch.Tensor) else None,
     )
     return stats
+
+
+def _batch_acts(model, sae: SAE, site: Site, ids: torch.Tensor, policy, batch: torch.Tensor):
+    """The tracked features' activations on ``batch`` ([b, pos, F], zero on structural tokens) and the mask
+    of text tokens."""
+    h = harvest(model, batch, [site], drop_bos=False)
+    x = h.acts[site].to(sae.W_enc.device, sae.W_enc.dtype)
+    acts = sae.encode(x)[..., ids.to(x.device)].float().cpu()  # [b, pos, F]
+    text = policy.keep(batch)
+    return acts.masked_fill(~text[..., None], 0.0), text
+
+
+class _Moments:
+    """Per feature: tokens it fires on, the sum and maximum of its activation, and their histogram."""
+
+    def __init__(self, n_feat: int):
+        self.n_bins = len(HIST_EDGES) - 1
+        self.fire = torch.zeros(n_feat, dtype=torch.long)
+        self.act_sum = torch.zeros(n_feat, dtype=torch.float64)
+        self.max_act = torch.zeros(n_feat)
+        self.hist = torch.zeros(n_feat * self.n_bins, dtype=torch.long)
+
+    def add(self, flat: torch.Tensor, firing: torch.Tensor) -> None:
+        self.fire += firing.sum(0)
+        self.act_sum += flat.double().sum(0)
+        self.max_act = torch.maximum(self.max_act, flat.max(0).values)
+        tok_idx, f_idx = firing.nonzero(as_tuple=True)
+        bins = (torch.bucketize(flat[tok_idx, f_idx], HIST_EDGES) - 1).clamp(0, self.n_bins - 1)
+        self.hist.index_add_(0, f_idx * self.n_bins + bins, torch.ones_like(bins))
+
+
+def _merge_examples(top, samples, batch: torch.Tensor, acts: torch.Tensor, firing: torch.Tensor, row0: int,
+                    cfg: StatsConfig, gen: torch.Generator):
+    """The pools after this batch: top examples by activation (separated within a row), and a uniform sample
+    of the firing tokens (random keys)."""
+    b, seq, n_feat = acts.shape
+    flat = acts.reshape(b * seq, n_feat)
+    tok_pad = torch.nn.functional.pad(batch, (cfg.ctx_left, cfg.ctx_right), value=-1)
+    act_pad = torch.nn.functional.pad(acts, (0, 0, cfg.ctx_left, cfg.ctx_right))
+    key_top = row_maxima(acts.masked_fill(acts <= 0, float("-inf")), cfg.separation).reshape(b * seq, n_feat)
+    top = _merge(top, key_top, flat, tok_pad, act_pad, row0, cfg)
+    key_rand = torch.rand(flat.shape, generator=gen).masked_fill(~firing, float("-inf"))
+    samples = _merge(samples, key_rand, flat, tok_pad, act_pad, row0, cfg)
+    return top, samples
 
 
 class LogitEffects(NamedTuple):

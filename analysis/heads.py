@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 
@@ -83,7 +84,7 @@ def head_report(
     if density is not None:
         density = density.detach().float().cpu()
         if density.shape != (shares.shape[0],):
-            raise ValueError(f"density must have shape ({shares.shape[0]},), got {tuple(density.shape)}")
+            raise InputError(f"density must have shape ({shares.shape[0]},), got {tuple(density.shape)}")
         alive = density > min_density
     best = shares.argmax(-1)
     reports = []

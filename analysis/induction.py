@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Float, Int
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.models import model_device
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
@@ -42,7 +43,7 @@ def random_tokens(model, n_seq: int, length: int, seed: int = 0) -> Int[torch.Te
     vocab = int(model.cfg.d_vocab)
     allowed = torch.tensor(sorted(set(range(min(vocab, len(model.tokenizer)))) - _special_ids(model)))
     if length > len(allowed):
-        raise ValueError(f"length {length} exceeds the {len(allowed)} usable tokens of the vocabulary")
+        raise InputError(f"length {length} exceeds the {len(allowed)} usable tokens of the vocabulary")
     g = torch.Generator().manual_seed(seed)
     return torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:length]] for _ in range(n_seq)])
 
@@ -71,7 +72,7 @@ def repeated_tokens(model, n_seq: int = 16, length: int = 32, seed: int = 0) -> 
     n_ctx = int(model.cfg.n_ctx)
     room = (n_ctx - model_spec(model).tokens.n_structural) // 2
     if length > room:
-        raise ValueError(f"a sequence of {length} tokens repeated twice does not fit the model's context of {n_ctx} "
+        raise InputError(f"a sequence of {length} tokens repeated twice does not fit the model's context of {n_ctx} "
                          f"tokens; use a length <= {room}")
     r = random_tokens(model, n_seq, length, seed)
     return _frame(model, torch.cat([r, r], dim=1))
@@ -264,7 +265,7 @@ def prefix_tokens(model, prefix_length: int, n_seq: int, max_prefix: int, gap: i
     exactly ``prefix_length`` long.
     """
     if not 0 <= prefix_length <= max_prefix:
-        raise ValueError(f"prefix_length must be in [0, {max_prefix}], got {prefix_length}")
+        raise InputError(f"prefix_length must be in [0, {max_prefix}], got {prefix_length}")
     n1 = max_prefix + 2
     n2 = max(gap, max_prefix + 1)
     seq = 1 + n1 + 2 + n2 + 1
@@ -329,7 +330,7 @@ def classify_prefix_heads(study: PrefixStudy, min_score: float = 0.3, short_rati
     """Induction heads (score >= ``min_score`` at the longest prefix) split into short-prefix (the one-token
     score is at least ``short_ratio`` of the long one) and long-prefix (it is not)."""
     if 1 not in study.prefix_lengths:
-        raise ValueError("the study needs prefix length 1 to tell short- from long-prefix heads")
+        raise InputError("the study needs prefix length 1 to tell short- from long-prefix heads")
     i1 = study.prefix_lengths.index(1)
     il = study.prefix_lengths.index(max(study.prefix_lengths))
     out = []

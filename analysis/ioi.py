@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float, Int
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.spec import model_spec
 
 #: IOI templates (Wang et al. 2022, appendix): {A} and {B} are the first two names, {S} the repeated subject.
@@ -110,7 +111,7 @@ def _build(model, specs: list[dict]) -> IOIDataset:
         io_at = [i for i, t in enumerate(ids) if t == io_id]
         s_at = [i for i, t in enumerate(ids) if t == s_id]
         if len(io_at) != 1 or len(s_at) != 2:
-            raise ValueError(f"prompt {text!r}: the names do not tokenize to single, separate tokens")
+            raise InputError(f"prompt {text!r}: the names do not tokenize to single, separate tokens")
         prompts.append(text)
         rows.append(ids)
         io_ids.append(io_id)
@@ -145,13 +146,13 @@ def make_ioi(
     """
     pool = single_token_names(model.tokenizer, names or IOI_NAMES)
     if len(pool) < 3:
-        raise ValueError(
+        raise InputError(
             f"only {len(pool)} of the candidate names are single tokens for this tokenizer ({pool}); pass names= "
             "with at least 3 names that are"
         )
     for p in patterns:
         if p not in ("ABBA", "BABA"):
-            raise ValueError(f"IOI patterns are 'ABBA' and 'BABA', got {p!r}")
+            raise InputError(f"IOI patterns are 'ABBA' and 'BABA', got {p!r}")
     rng = random.Random(seed)
     tmpl = list(templates) if templates is not None else list(range(len(IOI_TEMPLATES)))
     specs = []
@@ -173,7 +174,7 @@ def corrupt_ioi(model, data: IOIDataset, seed: int = 1, names: Sequence[str] | N
     """
     pool = single_token_names(model.tokenizer, names or IOI_NAMES)
     if len(pool) < 5:
-        raise ValueError(f"the ABC corruption needs at least 5 single-token names, the tokenizer has {len(pool)}")
+        raise InputError(f"the ABC corruption needs at least 5 single-token names, the tokenizer has {len(pool)}")
     rng = random.Random(seed)
     tok = model.tokenizer
     policy = _causal_policy(model)
@@ -188,7 +189,7 @@ def corrupt_ioi(model, data: IOIDataset, seed: int = 1, names: Sequence[str] | N
     tokens = torch.full_like(data.tokens, policy.start)
     for i, r in enumerate(rows):
         if len(r) != int(data.positions["end"][i]) + 1:
-            raise ValueError(f"corrupted prompt {prompts[i]!r} has a different length than the clean one")
+            raise InputError(f"corrupted prompt {prompts[i]!r} has a different length than the clean one")
         tokens[i, : len(r)] = torch.tensor(r)
     return replace(data, prompts=prompts, tokens=tokens, specs=[dict(s) for s in data.specs])
 

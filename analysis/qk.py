@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.spec import UnsupportedModelError, model_spec, norm_affine
 
@@ -268,7 +269,7 @@ class _Row:
         if not bool(self.allowed[s]):
             why = "causal: a query attends only to itself and earlier positions" if self.causal and s > t else \
                 "outside its attention window or mask"
-            raise ValueError(f"{what} {s} is masked for query position {t} ({why}): the model computes no score there")
+            raise InputError(f"{what} {s} is masked for query position {t} ({why}): the model computes no score there")
 
     def describe(self) -> str:
         if self.exposed:
@@ -323,13 +324,13 @@ def _views(model, saes: Sequence[SAE | Sequence[SAE]], layer: int) -> list[list[
 def _check_positions(model, tokens: torch.Tensor, layer: int, head: int, positions: dict[str, int]) -> None:
     spec = model_spec(model)
     if not 0 <= layer < spec.n_layers:
-        raise ValueError(f"layer {layer} does not exist; the model has layers 0..{spec.n_layers - 1}")
+        raise InputError(f"layer {layer} does not exist; the model has layers 0..{spec.n_layers - 1}")
     if not 0 <= head < spec.n_heads:
-        raise ValueError(f"head {head} does not exist; the model has heads 0..{spec.n_heads - 1}")
+        raise InputError(f"head {head} does not exist; the model has heads 0..{spec.n_heads - 1}")
     n = tokens.shape[1]
     for what, p in positions.items():
         if not 0 <= p < n:
-            raise ValueError(f"{what} {p} is outside the prompt (positions 0..{n - 1})")
+            raise InputError(f"{what} {p} is outside the prompt (positions 0..{n - 1})")
 
 
 def _contrast_pos(row: _Row, t: int, s: int, contrast_pos: int | Literal["auto"] | None) -> int | None:
@@ -342,7 +343,7 @@ def _contrast_pos(row: _Row, t: int, s: int, contrast_pos: int | Literal["auto"]
             return None  # the query attends to no other position
         return int(torch.where(others, row.pattern, torch.full_like(row.pattern, -1.0)).argmax())
     if int(contrast_pos) == s:
-        raise ValueError(f"contrast position {s} is the key position itself")
+        raise InputError(f"contrast position {s} is the key position itself")
     row.require(t, int(contrast_pos), "contrast position")
     return int(contrast_pos)
 
@@ -365,7 +366,7 @@ def qk_attribution(
     SAEs' active features, error terms and decoder biases (``result.features``, in order)."""
     tokens = as_tokens(model, tokens)
     if tokens.shape[0] != 1:
-        raise ValueError(f"QK attribution follows one prompt (norm scales are per prompt): got {tokens.shape[0]} rows")
+        raise InputError(f"QK attribution follows one prompt (norm scales are per prompt): got {tokens.shape[0]} rows")
     t, s = int(query_pos), int(key_pos)
     _check_positions(model, tokens, layer, head, {"query position": t, "key position": s})
     why = refusal(model, layer)  # before anything else, so the message names the position scheme

@@ -18,6 +18,7 @@ import einops
 import torch
 from jaxtyping import Float
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site, split_heads
 from sae_lens_attn.spec import attn_weights, model_spec
@@ -52,12 +53,12 @@ def upstream_saes(model, saes: Sequence[SAE], layer: int) -> list[UpstreamSAE]:
         site = sae_site(sae)
         sae.check_site(site, model.cfg)
         if site.layer >= layer:
-            raise ValueError(f"the SAE at {site.label} is not upstream of layer {layer}'s attention: only SAEs at "
+            raise InputError(f"the SAE at {site.label} is not upstream of layer {layer}'s attention: only SAEs at "
                              f"layers < {layer} write into its input")
         label = site.label
         for name in replaced_components(model, site):
             if name in covered:
-                raise ValueError(f"SAEs {covered[name]} and {label} both split {name}: give them as separate views "
+                raise InputError(f"SAEs {covered[name]} and {label} both split {name}: give them as separate views "
                                  "(saes=[a, b]), not in one (saes=[(a, b)])")
             covered[name] = label
         out.append(UpstreamSAE(sae, site, label))

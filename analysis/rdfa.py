@@ -28,6 +28,7 @@ import einops
 import torch
 from jaxtyping import Float, Int
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site, split_heads
 from sae_lens_attn.spec import attn_weights, model_spec, norm_affine
@@ -111,7 +112,7 @@ def _readout(model, sae: SAE, site: Site, feature: int, tokens: torch.Tensor):
 def _one_row(model, tokens, sae: SAE | None = None) -> torch.Tensor:
     tokens = as_tokens(model, tokens, sae)
     if tokens.shape[0] != 1:
-        raise ValueError(f"RDFA follows one prompt: pass one row of tokens, got {tokens.shape[0]}")
+        raise InputError(f"RDFA follows one prompt: pass one row of tokens, got {tokens.shape[0]}")
     return tokens
 
 
@@ -130,7 +131,7 @@ def rdfa(
     tokens = _one_row(model, tokens, sae)
     L = site.layer
     if not 0 <= query_pos < tokens.shape[1]:
-        raise ValueError(f"query_pos {query_pos} is outside the prompt (length {tokens.shape[1]})")
+        raise InputError(f"query_pos {query_pos} is outside the prompt (length {tokens.shape[1]})")
     comps = residual_components(model, tokens, L)
     u, vbias = _readout(model, sae, site, feature, tokens)
     cache = run_cache(model, tokens, [f"blocks.{L}.attn.hook_pattern", f"blocks.{L}.attn.hook_v"], stop_at_layer=L + 1)
@@ -161,7 +162,7 @@ def rdfa_upstream_heads(
     tokens = _one_row(model, tokens, sae)
     L = site.layer
     if L == 0:
-        raise ValueError("the SAE is at layer 0: there are no upstream heads")
+        raise InputError("the SAE is at layer 0: there are no upstream heads")
     spec = model_spec(model)
     maps = WriteMaps(model, tokens, L)
     u, _ = _readout(model, sae, site, feature, tokens)
@@ -203,9 +204,9 @@ def rdfa_upstream_features(
     site = sae_site(sae, site)
     up = sae_site(upstream, upstream_site)
     if up.layer >= site.layer:
-        raise ValueError(f"upstream SAE is at layer {up.layer}; it must be below the feature's layer {site.layer}")
+        raise InputError(f"upstream SAE is at layer {up.layer}; it must be below the feature's layer {site.layer}")
     if up.kind == "z" and up.head is not None:
-        raise ValueError("the upstream SAE must read the whole layer (hook_z of all heads, or hook_attn_out)")
+        raise InputError("the upstream SAE must read the whole layer (hook_z of all heads, or hook_attn_out)")
     feature = int(feature_ids(feature, sae.cfg.d_sae)[0])
     tokens = _one_row(model, tokens, sae)
     u, _ = _readout(model, sae, site, feature, tokens)

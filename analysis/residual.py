@@ -24,6 +24,7 @@ import einops
 import torch
 from jaxtyping import Float, Int
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.spec import UnsupportedModelError, attn_weights, model_spec, norm_affine
 
 from ._common import as_tokens, run_cache
@@ -154,7 +155,7 @@ def residual_components(model, tokens: Int[torch.Tensor, "batch pos"], layer: in
     """
     tokens = as_tokens(model, tokens)
     if tokens.shape[0] != 1:
-        raise ValueError(f"residual components follow one prompt (norm scales are per prompt): got {tokens.shape[0]} rows")
+        raise InputError(f"residual components follow one prompt (norm scales are per prompt): got {tokens.shape[0]} rows")
     spec = model_spec(model)
     maps = WriteMaps(model, tokens, layer)
     # the embedding modules' own outputs: ``hook_embed`` is an alias of the embedding norm's output where a

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.models import model_device
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
@@ -124,7 +125,7 @@ def head_roles(
     :func:`~.features.feature_stats` over all features, with its token rows kept."""
     site = sae_site(sae, site)
     if stats.rows is None:
-        raise ValueError("the head survey needs feature statistics computed from one token tensor (stats.rows)")
+        raise InputError("the head survey needs feature statistics computed from one token tensor (stats.rows)")
     n_heads = int(model.cfg.n_heads)
     shares = head_shares(sae, n_heads, site).cpu()
     alive = torch.zeros(shares.shape[0], dtype=torch.bool)

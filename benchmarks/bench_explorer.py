@@ -84,8 +84,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from sae_lens_attn.explorer import ExplorerSession
-    from sae_lens_attn.explorer.server import running
+    from sae_lens_attn.frontends.explorer import ExplorerSession
+    from sae_lens_attn.frontends.explorer.server import running
 
     session = ExplorerSession.from_paths(_saes(args), device="cpu")
     prompts = _prompts(session, args.warmup + args.runs, args.tokens)

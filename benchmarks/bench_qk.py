@@ -61,8 +61,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from sae_lens_attn.analysis import qk_attribution
-    from sae_lens_attn.explorer import ExplorerSession
-    from sae_lens_attn.explorer.server import running
+    from sae_lens_attn.frontends.explorer import ExplorerSession
+    from sae_lens_attn.frontends.explorer.server import running
 
     session = ExplorerSession.from_paths(_saes(args), device="cpu")
     ups = [e.sae for e in session.saes.values() if e.site.layer < 1]

@@ -54,14 +54,14 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from sae_lens_attn.explorer import ExplorerSession
-    from sae_lens_attn.explorer.server import running
+    from sae_lens_attn.frontends.explorer import ExplorerSession
+    from sae_lens_attn.frontends.explorer.server import running
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dash = args.dashboards
     if dash is None:  # pages for the last SAE's top features at the clicked token, so the link shows
-        from sae_lens_attn.training.cli import main as cli
+        from sae_lens_attn.frontends.cli import main as cli
 
         probe = ExplorerSession.from_paths(args.sae[-1:], device="cpu")
         top = probe.analyze(PROMPT)["saes"][0]["features"][args.token]

@@ -24,13 +24,14 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Float, Int
 
+from .errors import InputError, UserError
 from .models import model_device
 from .objective import loss_input, token_losses
 from .sites import Site
 from .spec import UnsupportedModelError, model_spec
 
 
-class NonFiniteActivationError(FloatingPointError):
+class NonFiniteActivationError(UserError, FloatingPointError):
     """NaN or inf in a harvested activation: names the site and the first bad row."""
 
 
@@ -54,7 +55,7 @@ class SiteBatch(NamedTuple):
 
 def check_sites(model, sites: Sequence[Site]) -> None:
     if not sites:
-        raise ValueError("no sites given")
+        raise InputError("no sites given")
     spec = model_spec(model)
     for site in sites:
         site.validate(model.cfg)
@@ -161,56 +162,67 @@ def activation_batches(
     Every site's batch holds the same tokens, in the same order.
     """
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InputError(f"batch_size must be positive, got {batch_size}")
     if rows.ndim != 2 or rows.shape[0] == 0:
-        raise ValueError(f"rows must be a non-empty [rows, pos] token tensor, got shape {tuple(rows.shape)}")
+        raise InputError(f"rows must be a non-empty [rows, pos] token tensor, got shape {tuple(rows.shape)}")
     gen = torch.Generator().manual_seed(seed)
     out_device = torch.device(device) if device is not None else model_device(model)
-    keys = list(sites)
-    store: dict[Site, list[torch.Tensor]] = {s: [] for s in keys}
-    gstore: dict[Site, list[torch.Tensor]] = {s: [] for s in keys}
-    have = 0
+    buf = _ShuffleBuffer(list(sites), with_grad, batch_size, gen, out_device)
     capacity = max(buffer_tokens, 2 * batch_size)
-
-    def drain(final: bool) -> Iterator[dict[Site, SiteBatch]]:
-        nonlocal have
-        cat = {s: torch.cat(store[s]) for s in keys}
-        gcat = {s: torch.cat(gstore[s]) for s in keys} if with_grad else None
-        perm = torch.randperm(have, generator=gen)
-        serve = have if final else have // 2
-        n_batches = serve // batch_size
-        for b in range(n_batches):
-            idx = perm[b * batch_size : (b + 1) * batch_size]
-            yield {
-                s: SiteBatch(
-                    cat[s][idx].to(out_device, non_blocking=True),
-                    gcat[s][idx].to(out_device, non_blocking=True) if gcat is not None else None,
-                )
-                for s in keys
-            }
-        rest = perm[n_batches * batch_size :]
-        for s in keys:
-            store[s] = [cat[s][rest]]
-            if gcat is not None:
-                gstore[s] = [gcat[s][rest]]
-        have = len(rest)
-
     epoch = 0
     while epochs is None or epoch < epochs:
         order = torch.randperm(rows.shape[0], generator=gen)
         for start in range(0, len(order), model_batch_rows):
-            h = harvest(model, rows[order[start : start + model_batch_rows]], sites, with_grad, drop_bos)
-            kept = kept_vectors(h, keys)
-            for s in keys:
-                store[s].append(kept[s].acts)
-                if with_grad:
-                    gstore[s].append(kept[s].grads)
-            have += int(h.mask.sum())
-            if have >= capacity:
-                yield from drain(final=False)
+            buf.add(harvest(model, rows[order[start : start + model_batch_rows]], sites, with_grad, drop_bos))
+            if buf.have >= capacity:
+                yield from buf.drain(final=False)
         epoch += 1
-    if have >= batch_size:
-        yield from drain(final=True)
+    if buf.have >= batch_size:
+        yield from buf.drain(final=True)
+
+
+class _ShuffleBuffer:
+    """Harvested vectors of every site, kept in the same token order across sites until served."""
+
+    def __init__(self, keys: list[Site], with_grad: bool, batch_size: int, gen: torch.Generator,
+                 out_device: torch.device):
+        self.keys, self.with_grad, self.batch_size, self.gen, self.out_device = keys, with_grad, batch_size, gen, out_device
+        self.store: dict[Site, list[torch.Tensor]] = {s: [] for s in keys}
+        self.gstore: dict[Site, list[torch.Tensor]] = {s: [] for s in keys}
+        self.have = 0
+
+    def add(self, h) -> None:
+        kept = kept_vectors(h, self.keys)
+        for s in self.keys:
+            self.store[s].append(kept[s].acts)
+            if self.with_grad:
+                self.gstore[s].append(kept[s].grads)
+        self.have += int(h.mask.sum())
+
+    def drain(self, final: bool) -> Iterator[dict[Site, SiteBatch]]:
+        """Shuffle what is held and serve whole batches: all of it when ``final``, else half (the rest
+        stays to mix with the next harvest)."""
+        keys, dev = self.keys, self.out_device
+        cat = {s: torch.cat(self.store[s]) for s in keys}
+        gcat = {s: torch.cat(self.gstore[s]) for s in keys} if self.with_grad else None
+        perm = torch.randperm(self.have, generator=self.gen)
+        serve = self.have if final else self.have // 2
+        n_batches = serve // self.batch_size
+        for b in range(n_batches):
+            idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
+            yield {
+                s: SiteBatch(
+                    cat[s][idx].to(dev, non_blocking=True),
+                    gcat[s][idx].to(dev, non_blocking=True) if gcat is not None else None,
+                )
+                for s in keys
+            }
+        rest = perm[n_batches * self.batch_size :]
+        for s in keys:
+            self.store[s] = [cat[s][rest]]
+            if gcat is not None:
+                self.gstore[s] = [gcat[s][rest]]
+        self.have = len(rest)
 
 
 @contextmanager
@@ -271,7 +283,7 @@ def epoch_batches(
     """Endless shuffled batches over activations held in memory (a fresh permutation every epoch)."""
     n = next(iter(data.values())).acts.shape[0]
     if n < batch_size:
-        raise ValueError(f"only {n} activation vectors, fewer than one batch of {batch_size}; use more text")
+        raise InputError(f"only {n} activation vectors, fewer than one batch of {batch_size}; use more text")
     gen = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(n, generator=gen)

@@ -65,6 +65,7 @@ from .cache_manifest import (  # noqa: F401
     read_manifest,
 )
 from .cache_write import LOCK_FILENAME, write_cache  # noqa: F401
+from .errors import InputError
 from .sites import Site
 
 
@@ -324,11 +325,11 @@ class CachedActivations:
         drop_last: bool,
     ) -> Iterator[dict[str, torch.Tensor]]:
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise InputError(f"batch_size must be positive, got {batch_size}")
         if window_shards <= 0:
-            raise ValueError(f"window_shards must be positive, got {window_shards}")
+            raise InputError(f"window_shards must be positive, got {window_shards}")
         if self.n_tokens < batch_size:
-            raise ValueError(
+            raise InputError(
                 f"the cache holds {self.n_tokens} vectors, fewer than one batch of {batch_size}; cache more rows"
             )
         shards = self.manifest.shards

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
 from .files import WriteError
 from .models import model_name
 from .sites import Site
@@ -37,7 +38,7 @@ _ST_DTYPE = {
 }
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A cache directory that cannot be used as asked: the message names the file/field and what is wrong."""
 
 

@@ -33,6 +33,7 @@ from .cache_manifest import (
     _shard_name,
     read_manifest,
 )
+from .errors import InputError
 from .files import WriteError, ensure_dir, save_tensors, write_error, write_text
 from .sites import Site
 
@@ -101,43 +102,13 @@ def write_cache(
     removed and the manifest and the shards already committed are untouched, so the same call can be
     repeated once space is freed.
     """
-    if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    if model_batch_rows <= 0:
-        raise ValueError(f"model_batch_rows must be positive, got {model_batch_rows}")
-    if rows.ndim != 2 or rows.shape[0] == 0:
-        raise ValueError(f"rows must be a non-empty [rows, pos] token tensor, got shape {tuple(rows.shape)}")
-    if rows.dtype.is_floating_point or rows.dtype == torch.bool:
-        raise ValueError(f"rows must hold integer token ids, got dtype {rows.dtype}")
     sites = list(sites)
-    check_sites(model, sites)
-    if len({s.label for s in sites}) != len(sites):
-        raise ValueError(f"duplicate sites in {[s.label for s in sites]}")
+    _check_arguments(model, rows, sites, shard_tokens, model_batch_rows)
     rows = rows.detach().cpu()
     cache_dir = ensure_dir(cache_dir)
-    manifest_path = cache_dir / MANIFEST_FILENAME
-
     with _write_lock(cache_dir):
-        want = _new_manifest(model, sites, with_grad, drop_bos, int(rows.shape[1]))
-        if manifest_path.exists():
-            manifest = read_manifest(cache_dir)
-            _check_compatible(manifest, want, cache_dir)
-            _remove_leftovers(cache_dir, manifest)
-            if rows.shape[0] < manifest.rows_done:
-                raise CacheError(
-                    f"{cache_dir} already holds {manifest.rows_done} rows but only {rows.shape[0]} were passed: "
-                    "pass the same full row tensor the cache was written from"
-                )
-            for sh in manifest.shards:
-                if _rows_sha256(rows[sh.row_start : sh.row_end]) != sh.rows_sha256:
-                    raise CacheError(
-                        f"rows {sh.row_start}..{sh.row_end} passed differ from those cached in {sh.file} of "
-                        f"{cache_dir}: pass the same row tensor the cache was written from"
-                    )
-        else:
-            _remove_leftovers(cache_dir, None)
-            manifest = want
-            _commit_manifest(cache_dir, manifest, None)
+        manifest = _open_manifest(cache_dir, _new_manifest(model, sites, with_grad, drop_bos, int(rows.shape[1])),
+                                  rows)
         writer = _ShardWriter(cache_dir, manifest, rows, shard_tokens)
         # The cache's site order (which may differ from the caller's) decides the order tensors are stored.
         sites = manifest.site_objects()
@@ -146,6 +117,45 @@ def write_cache(
             writer.add(start, harvest(model, chunk, sites, with_grad, drop_bos), sites, with_grad)
         writer.flush()
         return manifest
+
+
+def _check_arguments(model, rows: torch.Tensor, sites: list[Site], shard_tokens: int,
+                     model_batch_rows: int) -> None:
+    if shard_tokens <= 0:
+        raise InputError(f"shard_tokens must be positive, got {shard_tokens}")
+    if model_batch_rows <= 0:
+        raise InputError(f"model_batch_rows must be positive, got {model_batch_rows}")
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise InputError(f"rows must be a non-empty [rows, pos] token tensor, got shape {tuple(rows.shape)}")
+    if rows.dtype.is_floating_point or rows.dtype == torch.bool:
+        raise InputError(f"rows must hold integer token ids, got dtype {rows.dtype}")
+    check_sites(model, sites)
+    if len({s.label for s in sites}) != len(sites):
+        raise InputError(f"duplicate sites in {[s.label for s in sites]}")
+
+
+def _open_manifest(cache_dir: Path, want: Manifest, rows: torch.Tensor) -> Manifest:
+    """The cache's manifest, checked against ``want`` and the rows passed, leftovers of a crashed write
+    removed; a new cache gets ``want``, committed."""
+    if not (cache_dir / MANIFEST_FILENAME).exists():
+        _remove_leftovers(cache_dir, None)
+        _commit_manifest(cache_dir, want, None)
+        return want
+    manifest = read_manifest(cache_dir)
+    _check_compatible(manifest, want, cache_dir)
+    _remove_leftovers(cache_dir, manifest)
+    if rows.shape[0] < manifest.rows_done:
+        raise CacheError(
+            f"{cache_dir} already holds {manifest.rows_done} rows but only {rows.shape[0]} were passed: "
+            "pass the same full row tensor the cache was written from"
+        )
+    for sh in manifest.shards:
+        if _rows_sha256(rows[sh.row_start : sh.row_end]) != sh.rows_sha256:
+            raise CacheError(
+                f"rows {sh.row_start}..{sh.row_end} passed differ from those cached in {sh.file} of "
+                f"{cache_dir}: pass the same row tensor the cache was written from"
+            )
+    return manifest
 
 
 def _commit_manifest(cache_dir: Path, manifest: Manifest, shard: str | None) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
+from .errors import InputError
 from .texts import (  # noqa: F401  (re-exported: the data API's names)
     MAX_UNDECODABLE_SHARE,
     TEXT_SUFFIXES,
@@ -50,16 +51,16 @@ def load_token_array(path: str | os.PathLike) -> torch.Tensor:
         except Exception as err:  # zipfile/pickle errors
             from .weights_only import weights_only_refusal
 
-            raise ValueError(weights_only_refusal(p, err) or f"{p}: unreadable token array ({type(err).__name__}); "
+            raise InputError(weights_only_refusal(p, err) or f"{p}: unreadable token array ({type(err).__name__}); "
                              "the file is truncated or corrupted") from err
         if not isinstance(arr, torch.Tensor):
-            raise ValueError(f"{p}: expected a tensor of token ids, got {type(arr).__name__}")
+            raise InputError(f"{p}: expected a tensor of token ids, got {type(arr).__name__}")
     else:
         from safetensors.torch import load_file
 
         arr = load_file(str(p))["tokens"]
     if arr.dtype.is_floating_point:
-        raise ValueError(f"{p}: token arrays must hold integers, got {arr.dtype}")
+        raise InputError(f"{p}: token arrays must hold integers, got {arr.dtype}")
     return arr.long()
 
 
@@ -132,7 +133,7 @@ def iter_row_blocks(
     policy = as_policy(policy)
     body = n_ctx - policy.n_structural
     if body <= 0:
-        raise ValueError(f"n_ctx must leave room for text after the {policy.n_structural} structural token(s), got {n_ctx}")
+        raise InputError(f"n_ctx must leave room for text after the {policy.n_structural} structural token(s), got {n_ctx}")
     sep = np.asarray([policy.separator] if policy.separator is not None else [], dtype=np.int64)
     carry = np.empty(0, dtype=np.int64)
     for batch in _piece_batches(_as_pieces(texts)):

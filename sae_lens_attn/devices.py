@@ -6,8 +6,10 @@ import os
 
 import torch
 
+from .errors import InputError
 
-class DeviceError(ValueError):
+
+class DeviceError(InputError):
     """The requested device does not exist on this machine; the message names the fix."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .activations import harvest, splice
+from .errors import InputError
 from .models import model_device
 from .objective import MASK_SHARE, kl_per_position, loss_input, token_losses
 from .sae import SAE
@@ -129,7 +130,7 @@ def evaluate_sae(
         h = harvest(model, chunk, [site])
         rec.add(sae, h.acts[site][h.mask].to(sae.W_enc.dtype))
     if rec.n_tok == 0:
-        raise ValueError("evaluation rows hold no text tokens (only the policy's structural tokens)")
+        raise InputError("evaluation rows hold no text tokens (only the policy's structural tokens)")
     mean_act = (rec.xs_sum / rec.n_tok).to(sae.W_enc.dtype)
     total_var = rec.xs_sq - float((rec.xs_sum**2).sum()) / rec.n_tok
     note = spec.lm_refusal or ""
@@ -196,7 +197,7 @@ def _loss_metrics(model, sae: SAE, site: Site, rows: torch.Tensor, batch_rows: i
         del clean
         n_pred += int(read.sum())
     if n_pred == 0:
-        raise ValueError("evaluation rows have no position where the loss is read")
+        raise InputError("evaluation rows have no position where the loss is read")
     return {k: v / n_pred for k, v in sums.items()}
 
 

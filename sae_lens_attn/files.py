@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 _CHUNK = 8 << 20  # bytes per write(2): big enough to be cheap, small enough to report progress
 _OS_ERROR_RE = re.compile(r"os error (\d+)")
 _NOSPACE = (errno_mod.ENOSPC, getattr(errno_mod, "EDQUOT", -1))
@@ -96,7 +98,7 @@ def _fix(err_no: int | None, path: Path, needed: int | None, free: int | None) -
     return "fix the cause above, or write to another directory"
 
 
-class WriteError(OSError):
+class WriteError(UserError, OSError):
     """A file or directory could not be written.
 
     ``str()`` is one line: ``could not write <what>: <reason> (<bytes needed>, <free there>); <note>; <fix>``.

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import InputError, MissingExtraError, MissingFileError
 from .spec import UnsupportedModelError
 
 
@@ -39,11 +40,11 @@ def _reader(path: Path):
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise ImportError(f"reading {path} needs the gguf package: pip install 'sae-lens-attn[gguf]'") from None
+        raise MissingExtraError(f"reading {path} needs the gguf package: pip install 'sae-lens-attn[gguf]'") from None
     try:
         return GGUFReader(str(path))
     except Exception as err:  # the reader raises ValueError/struct errors on anything that is not GGUF
-        raise ValueError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); pass a llama.cpp "
+        raise InputError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); pass a llama.cpp "
                          ".gguf file or a Hugging Face model directory") from err
 
 
@@ -58,7 +59,7 @@ def gguf_info(path: str | os.PathLike) -> GGUFInfo:
     """Architecture and quantization of a GGUF file (its header only)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
+        raise MissingFileError(f"GGUF file {path} does not exist")
     reader = _reader(path)
     arch = _field_str(reader, "general.architecture") or "unknown"
     file_type = "unknown"

@@ -30,6 +30,7 @@ import torch
 from transformer_lens.hook_points import HookPoint
 
 from .activations import check_sites
+from .errors import InputError
 from .models import model_device
 from .sae import SAE
 from .sites import Site
@@ -44,7 +45,7 @@ def site_of(sae: SAE) -> Site:
     meta = sae.cfg.metadata or {}
     hook = meta.get("hook_name")
     if not hook:
-        raise ValueError("the SAE's metadata has no hook_name; attach it as {Site(layer, kind): sae}")
+        raise InputError("the SAE's metadata has no hook_name; attach it as {Site(layer, kind): sae}")
     return Site.parse(str(hook), head=meta.get("hook_head_index"))
 
 
@@ -116,7 +117,7 @@ def attach_saes(model, saes: SAE | Sequence[SAE] | Mapping[Site, SAE], use_error
     pairs = _as_pairs(saes)
     sites = [s for s, _ in pairs]
     if len(set(sites)) != len(sites):
-        raise ValueError(f"two SAEs for one site: {[s.label for s in sites]}")
+        raise InputError(f"two SAEs for one site: {[s.label for s in sites]}")
     check_sites(model, sites)
     for site, sae in pairs:
         sae.check_site(site, model.cfg)
@@ -133,7 +134,7 @@ def attach_saes(model, saes: SAE | Sequence[SAE] | Mapping[Site, SAE], use_error
     registry = model._hook_registry
     clash = [n for a in attached for n in a.hooks.points if n in registry]
     if clash:
-        raise ValueError(f"hook points {clash} already exist: another attach_saes block is open on these sites")
+        raise InputError(f"hook points {clash} already exist: another attach_saes block is open on these sites")
     with ExitStack() as stack:
         for a in attached:
             registry.update(a.hooks.points)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
+from .errors import InputError
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
@@ -172,7 +174,7 @@ def topk_mode() -> str:
     ``torch.topk`` elsewhere, where it is not yet measured), ``two_level`` (everywhere) or ``torch``."""
     mode = os.environ.get("SAE_LENS_ATTN_TOPK", "auto").lower().replace("-", "_")
     if mode not in ("auto", "two_level", "torch"):
-        raise ValueError(f"SAE_LENS_ATTN_TOPK={mode!r}: use auto, two_level or torch")
+        raise InputError(f"SAE_LENS_ATTN_TOPK={mode!r}: use auto, two_level or torch")
     return mode
 
 

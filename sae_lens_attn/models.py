@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import MissingFileError, UnavailableError
 from .gguf import is_gguf, load_gguf
 from .spec import derive_spec, model_spec
 from .tokens import TokenPolicy, policy_from_tokenizer, with_start_token
@@ -36,7 +37,7 @@ def resolve_model_name(name_or_path: str | os.PathLike | None) -> str:
 def _local_dir(name_or_path: str | os.PathLike | None) -> Path | None:
     if name_or_path is None or str(name_or_path) in (DEFAULT_MODEL_NAME, "default"):
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; rebuild it with "
                 "`python -m sae_lens_attn.training.build_default_model --corpus <shakespeare folder>`"
             )
@@ -44,7 +45,7 @@ def _local_dir(name_or_path: str | os.PathLike | None) -> Path | None:
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} is not a Hugging Face model directory: it has no config.json")
+            raise MissingFileError(f"{p} is not a Hugging Face model directory: it has no config.json")
         return p
     return None
 
@@ -115,7 +116,7 @@ def _boot(target: str, gguf: bool, device: str, dtype: torch.dtype):
     try:
         bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
     except OSError as err:
-        raise OSError(
+        raise UnavailableError(
             f"could not load model {target!r}: it is not a local directory and the hub could not serve it "
             f"({err.__class__.__name__}: {err}). Pass a local Hugging Face directory or .gguf file, or check the "
             "hub id and the network"

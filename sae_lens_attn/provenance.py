@@ -33,11 +33,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 _ALLOW = contextvars.ContextVar("sae_lens_attn_allow_transfer", default=False)
 _HF_CACHE_RE = re.compile(r"^models--(.+)$")
 
 
-class SiteMismatchError(ValueError):
+class SiteMismatchError(InputError):
     """An SAE applied to another site or model than the one its metadata records."""
 
 

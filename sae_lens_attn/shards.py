@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import AlreadyExistsError, InputError
 from .files import ensure_dir, write_bytes, write_json
 from .tokens import TokenPolicy
 
@@ -34,7 +35,7 @@ VERSION = 1
 ROWS_PER_SHARD = 65536
 
 
-class ShardMismatchError(ValueError):
+class ShardMismatchError(InputError):
     """A token-shard folder was made for another tokenizer, context size or start-token rule."""
 
 
@@ -112,7 +113,7 @@ def write_shards(blocks: Iterator[np.ndarray], out: str | os.PathLike, tokenizer
     """Write ``blocks`` (from :func:`~sae_lens_attn.data.text_row_blocks`) as shards, then the manifest."""
     out = ensure_dir(out)
     if (out / MANIFEST).exists() or any(out.glob("rows-*.npy")):
-        raise FileExistsError(f"{out} already holds token shards; pass an empty or new --out folder")
+        raise AlreadyExistsError(f"{out} already holds token shards; pass an empty or new --out folder")
     dtype = np.int32 if len(tokenizer) < 2**31 else np.int64
     shards, pending, n_pending, total = [], [], 0, 0
 

@@ -15,6 +15,8 @@ import einops
 import torch
 from jaxtyping import Float
 
+from .errors import InputError
+
 SiteKind = Literal["z", "attn_out"]
 SITE_KINDS: tuple[str, ...] = ("z", "attn_out")
 
@@ -34,11 +36,11 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.kind not in SITE_KINDS:
-            raise ValueError(f"Site.kind must be one of {SITE_KINDS}, got {self.kind!r}")
+            raise InputError(f"Site.kind must be one of {SITE_KINDS}, got {self.kind!r}")
         if self.layer < 0:
-            raise ValueError(f"Site.layer must be >= 0, got {self.layer}")
+            raise InputError(f"Site.layer must be >= 0, got {self.layer}")
         if self.head is not None and self.kind != "z":
-            raise ValueError("Site.head selects one head of hook_z; hook_attn_out has no head axis")
+            raise InputError("Site.head selects one head of hook_z; hook_attn_out has no head axis")
 
     @property
     def hook_name(self) -> str:
@@ -67,7 +69,7 @@ class Site:
         m = re.match(r"^L(\d+)\.(z|attn_out)(?:\.h(\d+))?$", spec)
         if m:
             return cls(int(m.group(1)), m.group(2), int(m.group(3)) if m.group(3) else head)  # type: ignore[arg-type]
-        raise ValueError(
+        raise InputError(
             f"unknown site {spec!r}: use 'blocks.L.attn.hook_z', 'blocks.L.hook_attn_out' or a label like 'L1.z', "
             "'L1.z.h3', 'L0.attn_out'"
         )
@@ -81,11 +83,11 @@ class Site:
     def validate(self, cfg: Any) -> None:
         """Raise a ValueError naming the problem if this site does not exist in a model with ``cfg``."""
         if self.layer >= cfg.n_layers:
-            raise ValueError(
+            raise InputError(
                 f"site {self.label}: layer {self.layer} does not exist; the model has layers 0..{cfg.n_layers - 1}"
             )
         if self.head is not None and not 0 <= self.head < cfg.n_heads:
-            raise ValueError(
+            raise InputError(
                 f"site {self.label}: head {self.head} does not exist; the model has heads 0..{cfg.n_heads - 1}"
             )
 
@@ -125,15 +127,15 @@ def parse_sites(layers: str | list[int], kind: SiteKind = "z", head: int | None 
     if isinstance(layers, str):
         if layers.strip() == "all":
             if n_layers is None:
-                raise ValueError("layers='all' needs the model's n_layers")
+                raise InputError("layers='all' needs the model's n_layers")
             idx = list(range(n_layers))
         else:
             try:
                 idx = [int(x) for x in layers.split(",") if x.strip()]
             except ValueError:
-                raise ValueError(f"layers must be 'all' or comma-separated integers, got {layers!r}") from None
+                raise InputError(f"layers must be 'all' or comma-separated integers, got {layers!r}") from None
     else:
         idx = list(layers)
     if not idx:
-        raise ValueError("no layers given")
+        raise InputError("no layers given")
     return [Site(i, kind, head) for i in idx]

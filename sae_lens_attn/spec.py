@@ -1,6 +1,6 @@
 """One description of the model, derived once at load: what sites, evals and analysis may assume.
 
-Families differ in exactly the ways the analysis depends on (DESIGN.md, "One description of the model"):
+Families differ in exactly the ways the analysis depends on (ARCHITECTURE.md, "The model description"):
 
 * **grouped-query / multi-query attention** (Llama, Mistral, Qwen2, Gemma, Phi-3): ``hook_v`` and ``W_V``
   have ``n_kv_heads`` heads; query head h reads key/value head ``h // (n_heads // n_kv_heads)``
@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from .errors import InputError
 from .tokens import TokenPolicy
 
 Kind = Literal["causal", "encoder"]
@@ -40,7 +41,7 @@ ATTN_OUT_HOOK = "blocks.{layer}.attn.o.hook_out"
 Z_HOOK = "blocks.{layer}.attn.hook_z"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError):
     """The model's structure does not allow the asked computation to be exact: the message names the family
     and the piece that is missing."""
 

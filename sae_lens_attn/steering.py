@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from .activations import check_sites
+from .errors import InputError
 from .hooked import site_of
 from .sae import SAE
 from .sites import Site
@@ -31,10 +32,10 @@ def steering_vector(sae: SAE, features: int | Sequence[int], coefficients: float
     feats = [int(features)] if isinstance(features, int) else [int(f) for f in features]
     coefs = [float(coefficients)] * len(feats) if isinstance(coefficients, int | float) else [float(c) for c in coefficients]
     if len(coefs) != len(feats):
-        raise ValueError(f"{len(feats)} features but {len(coefs)} coefficients; pass one coefficient or one per feature")
+        raise InputError(f"{len(feats)} features but {len(coefs)} coefficients; pass one coefficient or one per feature")
     bad = [f for f in feats if not 0 <= f < sae.cfg.d_sae]
     if bad:
-        raise ValueError(f"feature ids must be in [0, {sae.cfg.d_sae}), got {bad}")
+        raise InputError(f"feature ids must be in [0, {sae.cfg.d_sae}), got {bad}")
     W = sae.W_dec.detach()
     return (torch.tensor(coefs, dtype=W.dtype, device=W.device)[:, None] * W[feats]).sum(0)
 
@@ -72,7 +73,7 @@ def steer(
             m = _positions_at(mask, p).to(flat.device)
             m = m.expand(b, -1) if m.ndim == 1 else m
             if m.shape != (b, p):
-                raise ValueError(
+                raise InputError(
                     f"steering positions are for {tuple(m.shape)} tokens but this forward pass has {(b, p)} "
                     "(generate with a key/value cache runs one position at a time): steer with positions=None"
                 )

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from .errors import InputError, MissingExtraError, MissingFileError, UnavailableError
+
 #: Characters per tokenizer input (documents longer than this are cut; see the module docstring).
 PIECE_CHARS = 1 << 16
 #: Bytes read from a file at a time.
@@ -37,11 +39,11 @@ MAX_UNDECODABLE_SHARE = 0.01
 _WIDE = ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")  # codecs whose text has NULs
 
 
-class EmptyDatasetError(ValueError):
+class EmptyDatasetError(InputError):
     """The data source held no text (or too few tokens for one row)."""
 
 
-class NotTextError(ValueError):
+class NotTextError(InputError):
     """A file read as text is not text in the given encoding (binary, or another encoding), or a record's
     text field is not a string."""
 
@@ -198,7 +200,7 @@ def record_text(rec, text_field: str, where: str) -> str:
         raise NotTextError(f"{where}: a record must be a JSON object with a {text_field!r} field, got "
                            f"{type(rec).__name__}")
     if text_field not in rec:
-        raise ValueError(f"{where}: no {text_field!r} field; pass text_field= (--text-field) the field holding "
+        raise InputError(f"{where}: no {text_field!r} field; pass text_field= (--text-field) the field holding "
                          f"text (fields: {list(rec)[:10]})")
     value = rec[text_field]
     if not isinstance(value, str):
@@ -218,7 +220,7 @@ def jsonl_pieces(path: Path, text_field: str, encoding: str = "utf-8") -> Iterat
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+                raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
             yield from document_pieces(record_text(rec, text_field, f"{path}:{lineno}"))
 
 
@@ -262,7 +264,7 @@ def iter_pieces(
             yield from _local_file_pieces(f, text_field, encoding)
         return
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and not _looks_like_hub_id(str(source)):
-        raise FileNotFoundError(f"dataset {source!r} does not exist")
+        raise MissingFileError(f"dataset {source!r} does not exist")
     for text in _iter_hf(str(source), text_field, split, local=False):
         yield from document_pieces(text)
 
@@ -291,25 +293,25 @@ def check_text_source(source: str | os.PathLike, encoding: str = "utf-8") -> Non
             check_text_file(f, encoding)
     elif not p.exists() and (str(source).startswith((".", "/", "~")) or os.sep in str(source)
                              and not _looks_like_hub_id(str(source))):
-        raise FileNotFoundError(f"dataset {source!r} does not exist")
+        raise MissingFileError(f"dataset {source!r} does not exist")
 
 
 def _iter_hf(source: str, text_field: str, split: str, local: bool) -> Iterator[str]:
     try:
         import datasets
     except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError("reading Hugging Face datasets needs `pip install sae-lens-attn[datasets]`") from err
+        raise MissingExtraError("reading Hugging Face datasets needs `pip install sae-lens-attn[datasets]`") from err
     if local:
         ds = datasets.load_from_disk(source)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"dataset {source} has splits {list(ds)}, not {split!r}; pass split=")
+                raise InputError(f"dataset {source} has splits {list(ds)}, not {split!r}; pass split=")
             ds = ds[split]
     else:
         try:  # streamed: records arrive as the run reads them, nothing is downloaded whole
             ds = datasets.load_dataset(source, split=split, streaming=True)
         except Exception as err:
-            raise OSError(
+            raise UnavailableError(
                 f"could not open dataset {source!r}: not a local path, and the hub could not serve it ({err}). "
                 "Pass a local text/jsonl file or folder, or a directory saved with Dataset.save_to_disk"
             ) from err

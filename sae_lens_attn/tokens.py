@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from .errors import InputError
+
 Rule = Literal["bos", "eos-as-bos", "cls-sep", "none", "token"]
 
 #: ``start_token`` values that are not token names: the tokenizer's own rule, or no start token.
@@ -112,7 +114,7 @@ def with_start_token(policy: TokenPolicy, tokenizer, choice: str | None, encoder
     if choice is None or choice == START_DEFAULT:
         return policy
     if encoder:
-        raise ValueError(f"start_token {choice!r}: encoders keep their [CLS] text [SEP] framing; the start token "
+        raise InputError(f"start_token {choice!r}: encoders keep their [CLS] text [SEP] framing; the start token "
                          "is a choice for causal LMs only (leave --start-token at 'bos')")
     if choice == START_NONE:
         return TokenPolicy("none", None, None, None, policy.mask, policy.pad, frozenset())
@@ -120,7 +122,7 @@ def with_start_token(policy: TokenPolicy, tokenizer, choice: str | None, encoder
     unk = getattr(tokenizer, "unk_token_id", None)
     if tid is None or (tid == unk and choice != getattr(tokenizer, "unk_token", None)):
         ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        raise ValueError(
+        raise InputError(
             f"start_token {choice!r} is not one token of this tokenizer's vocabulary (it encodes as {len(ids)} "
             f"token(s) {ids[:8]}); pass 'bos' (the tokenizer's {getattr(tokenizer, 'bos_token', None)!r}), 'none', "
             "or the exact text of one special token such as the EOS token "

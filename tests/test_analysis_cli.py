@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_lens_attn import SAE, SAEConfig, Site
-from sae_lens_attn.training.cli import main
+from sae_lens_attn.frontends.cli import main
 from tests.conftest import TEXT
 
 

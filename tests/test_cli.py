@@ -3,8 +3,8 @@ import json
 import pytest
 
 from sae_lens_attn import SAE
+from sae_lens_attn.frontends.cli import main
 from sae_lens_attn.models import SAMPLE_TEXT
-from sae_lens_attn.training.cli import main
 from sae_lens_attn.training.config import TrainConfig, field_docs
 
 

@@ -167,7 +167,7 @@ def test_site_sharded_training_equals_single_process(tmp_path):
 def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), "-m", "sae_lens_attn.training.cli", "train", *args]
+           str(free_port()), "-m", "sae_lens_attn.frontends.cli", "train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
@@ -191,7 +191,7 @@ def test_cli_under_torchrun(mode, tmp_path):
     assert [m["site"] for m in metrics] == ["L0.z", "L1.z"] and all(0 < m["l0"] <= 8 for m in metrics)
     assert latest_checkpoint(out).name == "step_00000016"
     if mode in ("sites", "dp-cache"):
-        from sae_lens_attn.training.cli import main
+        from sae_lens_attn.frontends.cli import main
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1)
@@ -210,7 +210,7 @@ def test_cli_under_torchrun(mode, tmp_path):
 
 
 def test_cli_refuses_off_under_torchrun_and_a_missing_rendezvous(monkeypatch, capsys):
-    from sae_lens_attn.training.cli import main
+    from sae_lens_attn.frontends.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as exc:

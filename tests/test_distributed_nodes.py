@@ -23,7 +23,7 @@ def _node(rank: int, port: int, args: list[str], cwd) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
            str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "sae-test",
-           "-m", "sae_lens_attn.training.cli", "train", *args]
+           "-m", "sae_lens_attn.frontends.cli", "train", *args]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -31,7 +31,7 @@ def test_two_nodes_from_shards_match_one_process(tmp_path):
     text = tmp_path / "small.txt"
     text.write_text(SAMPLE_TEXT.read_text()[:30_000])
     shards = tmp_path / "shards"
-    cli = [sys.executable, "-m", "sae_lens_attn.training.cli"]
+    cli = [sys.executable, "-m", "sae_lens_attn.frontends.cli"]
     r = subprocess.run([*cli, "tokenize", "--dataset", str(text), "--out", str(shards), "--context-size", "64"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -45,7 +45,7 @@ def test_two_nodes_from_shards_match_one_process(tmp_path):
     for n, (_out, err) in zip(nodes, outs):
         assert n.returncode == 0, err[-3000:]
     assert sum(out.count("SAEs saved under") for out, _ in outs) == 1  # one writer: node 0's rank 0
-    from sae_lens_attn.training.cli import main
+    from sae_lens_attn.frontends.cli import main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import torch
 
 from sae_lens_attn import SAE, SAEConfig, Site
 from sae_lens_attn.analysis import dfa, dfa_by_source, head_shares, logit_effects, rdfa
-from sae_lens_attn.explorer import ExplorerSession
+from sae_lens_attn.frontends.explorer import ExplorerSession
 from sae_lens_attn.hooked import attach_saes
 from sae_lens_attn.spec import model_spec
 

@@ -15,8 +15,8 @@ import torch
 from sae_lens_attn import Site
 from sae_lens_attn.activations import harvest
 from sae_lens_attn.analysis import dfa_by_source, qk_attribution
-from sae_lens_attn.explorer import ExplorerSession
-from sae_lens_attn.explorer.server import running
+from sae_lens_attn.frontends.explorer import ExplorerSession
+from sae_lens_attn.frontends.explorer.server import running
 from sae_lens_attn.spec import model_spec
 
 from .test_dashboard_browser import _png_pixels

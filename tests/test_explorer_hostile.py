@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from sae_lens_attn import Site
-from sae_lens_attn.explorer import ExplorerSession
-from sae_lens_attn.explorer.server import running
-from sae_lens_attn.explorer.steer import MAX_COEFFICIENT
-from sae_lens_attn.training.cli import main
+from sae_lens_attn.frontends.cli import main
+from sae_lens_attn.frontends.explorer import ExplorerSession
+from sae_lens_attn.frontends.explorer.server import running
+from sae_lens_attn.frontends.explorer.steer import MAX_COEFFICIENT
 
 from .test_explorer import TEXT, random_sae
 
@@ -199,7 +199,7 @@ def test_a_busy_port_is_named_as_the_port(tmp_path, capsys):
 
 def test_listening_on_every_interface_warns_and_still_checks_the_host(tiny_neox, tiny_neox_dir, tmp_path):
     sae_dir = random_sae(tiny_neox, Site(1), 16, 5).save(tmp_path / "L1.z")
-    cmd = [sys.executable, "-m", "sae_lens_attn.training.cli", "explore", "--sae", str(sae_dir), "--model",
+    cmd = [sys.executable, "-m", "sae_lens_attn.frontends.cli", "explore", "--sae", str(sae_dir), "--model",
            tiny_neox_dir, "--host", "0.0.0.0", "--port", "0", "--device", "cpu", "--allow-host", "explorer.lan"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))

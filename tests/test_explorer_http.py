@@ -22,8 +22,8 @@ from sae_lens_attn import Site
 from sae_lens_attn.analysis import dfa_by_source
 from sae_lens_attn.analysis.dashboard import write_dashboards
 from sae_lens_attn.analysis.features import StatsConfig, feature_stats
-from sae_lens_attn.explorer import ExplorerSession
-from sae_lens_attn.explorer.server import running
+from sae_lens_attn.frontends.explorer import ExplorerSession
+from sae_lens_attn.frontends.explorer.server import running
 
 from .conftest import random_rows
 from .test_explorer import TEXT, _by_hand, _close, random_sae
@@ -135,7 +135,7 @@ def test_errors_are_json_with_a_message(served):
 def test_cli_prints_its_url_and_serves(tiny_neox, tiny_neox_dir, tmp_path, capsys):
     sae_dir = random_sae(tiny_neox, Site(1), 16, 5).save(tmp_path / "L1.z")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "sae_lens_attn.training.cli", "explore", "--sae", str(sae_dir), "--model",
+    cmd = [sys.executable, "-m", "sae_lens_attn.frontends.cli", "explore", "--sae", str(sae_dir), "--model",
            tiny_neox_dir, "--port", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -154,7 +154,7 @@ def test_cli_prints_its_url_and_serves(tiny_neox, tiny_neox_dir, tmp_path, capsy
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
     assert proc.returncode == 0
-    from sae_lens_attn.training.cli import main
+    from sae_lens_attn.frontends.cli import main
 
     assert main(["explore", "--sae", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 
 from sae_lens_attn import Site
 from sae_lens_attn.analysis import qk_attribution
-from sae_lens_attn.explorer import ExplorerSession
+from sae_lens_attn.frontends.explorer import ExplorerSession
 
 from .test_explorer import TEXT, random_sae
 from .test_explorer_http import _post
@@ -44,7 +44,7 @@ def test_qk_view_is_the_analysis_api(session):
 
 
 def test_qk_route(session):
-    from sae_lens_attn.explorer.server import running
+    from sae_lens_attn.frontends.explorer.server import running
 
     t = session.prompt(TEXT).tokens.shape[1] - 1
     with running(session) as url:

@@ -294,8 +294,8 @@ def test_gradients_at_sites(case):
 
 
 def test_train_analyze_dashboard(case, tmp_path):
+    from sae_lens_attn.frontends.cli import main
     from sae_lens_attn.training import TrainConfig, train
-    from sae_lens_attn.training.cli import main
 
     text = tmp_path / "text.txt"
     text.write_text("\n".join(["my lord, the question is whether to be or not to be."] * 60))

@@ -49,7 +49,7 @@ def test_not_a_gguf_and_missing_files_are_named(tmp_path):
 
 def test_cli_refuses_an_unsupported_gguf_in_one_line(tmp_path):
     path = _write_gguf(tmp_path / "mamba2.gguf", "mamba2")
-    r = subprocess.run([sys.executable, "-m", "sae_lens_attn.training.cli", "train", "--model", path, "--out-dir",
+    r = subprocess.run([sys.executable, "-m", "sae_lens_attn.frontends.cli", "train", "--model", path, "--out-dir",
                         str(tmp_path / "run"), "--progress", "false"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "GGUF architecture 'mamba2' cannot be read" in r.stderr

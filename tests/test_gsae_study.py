@@ -6,9 +6,10 @@ import statistics
 import pytest
 import torch
 
-from sae_lens_attn.analysis.gsae_study import Store, _grid
-from sae_lens_attn.analysis.gsae_study_eval import SteerConfig, sae_eval, site_eval
-from sae_lens_attn.analysis.gsae_study_stats import (
+from sae_lens_attn.evals import evaluate_sae
+from sae_lens_attn.frontends.gsae_study import Store, _grid
+from sae_lens_attn.frontends.gsae_study_eval import SteerConfig, sae_eval, site_eval
+from sae_lens_attn.frontends.gsae_study_stats import (
     bootstrap_weights,
     paired,
     row_metrics,
@@ -16,7 +17,6 @@ from sae_lens_attn.analysis.gsae_study_stats import (
     t_interval,
     t_quantile,
 )
-from sae_lens_attn.evals import evaluate_sae
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site
 

@@ -159,7 +159,7 @@ def test_saved_evaluation_travels_with_the_sae_and_is_shown_with_its_flags(tiny_
     from sae_lens_attn import SAE, TrainConfig, train
     from sae_lens_attn.analysis.dashboard_index import _evaluation
     from sae_lens_attn.evals import metrics_lines, saved_metrics
-    from sae_lens_attn.explorer.session import LoadedSAE
+    from sae_lens_attn.frontends.explorer.session import LoadedSAE
 
     run = tmp_path / "run"
     train(TrainConfig(model=tiny_neox_dir, tokens=128, batch_size=64, context_size=16, eval_rows=2,

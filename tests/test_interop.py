@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sae_lens_attn.frontends.neuronpedia import export_neuronpedia
 from sae_lens_attn.interop import (
     SAELENS_ARCH_FIELDS,
     SAELENS_BASE_FIELDS,
-    export_neuronpedia,
     export_saelens,
     load_sae,
     saelens_cfg_problems,

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from sae_lens_attn import __version__
 from sae_lens_attn.activations import NonFiniteActivationError, SiteBatch
 from sae_lens_attn.files import WriteError
+from sae_lens_attn.frontends.cli import parse_train_config
 from sae_lens_attn.interop import load_sae
 from sae_lens_attn.sae import SAE, SAEConfig, SAEFileError
 from sae_lens_attn.sites import Site
-from sae_lens_attn.training.cli import parse_train_config
 from sae_lens_attn.training.config import TrainConfig
 from sae_lens_attn.training.trainer import (
     CheckpointError,

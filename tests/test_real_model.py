@@ -103,10 +103,10 @@ def test_dfa_by_head_sums_to_the_feature_preactivation(smol, trained, rows):
 
 
 def test_analyze_cli_and_explorer_on_the_real_model(smol, trained, gguf_path, tmp_path):
-    from sae_lens_attn.explorer.session import ExplorerSession
+    from sae_lens_attn.frontends.explorer.session import ExplorerSession
 
     sae_dir = trained[0].out_dir / f"L{LAYER}.z"
-    r = subprocess.run([sys.executable, "-m", "sae_lens_attn.training.cli", "analyze", "--sae", str(sae_dir),
+    r = subprocess.run([sys.executable, "-m", "sae_lens_attn.frontends.cli", "analyze", "--sae", str(sae_dir),
                         "--tokens", "1024", "--n-seq", "2", "--induction-length", "8", "--out", str(tmp_path / "a.json")],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -29,12 +29,12 @@ from sae_lens_attn.data import NotTextError, read_text_file, token_rows
 from sae_lens_attn.devices import DeviceError, check_device
 from sae_lens_attn.evals import evaluate_sae
 from sae_lens_attn.files import WriteError, write_text
+from sae_lens_attn.frontends.cli import main
 from sae_lens_attn.interop import load_sae
 from sae_lens_attn.models import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
 from sae_lens_attn.provenance import SiteMismatchError, same_model, transfer_allowed
 from sae_lens_attn.sae import SAE, SAEConfig, SAEFileError
 from sae_lens_attn.sites import Site
-from sae_lens_attn.training.cli import main
 from sae_lens_attn.training.config import TrainConfig
 from sae_lens_attn.training.preempt import TrainingInterrupted, resume_command
 from sae_lens_attn.training.run import memory_batches, train

@@ -22,11 +22,11 @@ from safetensors.torch import save_file
 
 from sae_lens_attn.data import token_rows
 from sae_lens_attn.devices import DeviceError
+from sae_lens_attn.frontends.cli import main
 from sae_lens_attn.models import token_policy
 from sae_lens_attn.sae import SAE, NonFiniteOutputError, SAEConfig, SAEFileError
 from sae_lens_attn.saes.pretrained import pretrained_saes
 from sae_lens_attn.sites import Site
-from sae_lens_attn.training.cli import main
 from sae_lens_attn.training.config import TrainConfig
 from sae_lens_attn.training.distributed import Dist
 from sae_lens_attn.training.run import _start_run

@@ -68,7 +68,7 @@ def test_a_folder_made_for_another_tokenizer_context_or_start_token_is_refused(t
 
 def test_tokenize_cli_then_train_on_the_shards(tmp_path, corpus, tiny_neox_dir):
     out = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "sae_lens_attn.training.cli"]
+    cmd = [sys.executable, "-m", "sae_lens_attn.frontends.cli"]
     r = subprocess.run([*cmd, "tokenize", "--dataset", str(corpus), "--out", str(out), "--model", tiny_neox_dir,
                         "--context-size", "24"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""Training: the config, the trainer, the main job and the command line."""
+"""Training: the config, the trainer, the main job, and the `train` and `tokenize` subcommands."""
 
 from .config import TrainConfig
 from .run import TrainResult, train

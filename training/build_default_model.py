@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_lens_attn.errors import MissingFileError
+
 #: Plays held out of tokenizer and model training; their text ships as the package's sample.
 HELD_OUT_PLAYS = (
     "hamlet",
@@ -120,7 +122,7 @@ class BuildConfig:
 def read_plays(corpus: Path) -> tuple[list[str], list[str]]:
     files = sorted(corpus.glob("*_gut.txt"))
     if not files:
-        raise FileNotFoundError(f"no '*_gut.txt' plays under {corpus}; pass --corpus the Shakespeare folder")
+        raise MissingFileError(f"no '*_gut.txt' plays under {corpus}; pass --corpus the Shakespeare folder")
     train, held = [], []
     for f in files:
         name = f.name.removesuffix("_gut.txt")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sae_lens_attn import __version__
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import (
     WriteError,
     fsync_dir,
@@ -38,7 +39,7 @@ STATE_FILENAME = "trainer_state.pt"
 MANIFEST_FILENAME = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used: the message names the file and what is wrong."""
 
 

@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from sae_lens_attn.errors import InputError
+
 SiteChoice = Literal["z", "attn_out"]
 SAEChoice = Literal["topk", "gsae"]
 DTypeChoice = Literal["float32", "bfloat16", "float16"]
@@ -21,7 +23,28 @@ _LAYERS_RE = re.compile(r"^\s*(all|\d+(\s*,\s*\d+)*)\s*$")
 
 
 @dataclass
-class TrainConfig:
+class OptimSettings:
+    """The optimiser settings a user chooses, defined once: :class:`TrainConfig` takes them as flags, the
+    trainer's ``OptimConfig`` (:mod:`.step`) adds the run's length and cadence to them."""
+
+    lr: float = 2e-3
+    """Adam learning rate, after warm-up; decays linearly to 0 over the last decay_fraction of training."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up steps."""
+    decay_fraction: float = 0.2
+    """Share of training, at the end, over which the learning rate decays to 0."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss on dead latents (Gao et al. 2024, appendix A.2)."""
+    auxk_k: int | None = None
+    """Dead latents used by AuxK per token; when empty, d_in // 2."""
+    dead_tokens: int = 250_000
+    """A latent that has not fired for this many tokens counts as dead."""
+
+
+@dataclass
+class TrainInputs:
+    """What a run trains: the model, the data, the sites and the SAE (the first fields of TrainConfig)."""
+
     model: str | None = None
     """Hub id or local Hugging Face directory of the model; empty for the embedded default model."""
     dataset: str | None = None
@@ -52,18 +75,13 @@ class TrainConfig:
     """Training tokens per SAE (the sample is reused for several epochs when it is smaller)."""
     batch_size: int = 4096
     """Activation vectors (tokens) per optimizer step."""
-    lr: float = 2e-3
-    """Adam learning rate, after warm-up; decays linearly to 0 over the last decay_fraction of training."""
-    warmup_steps: int = 50
-    """Linear learning-rate warm-up steps."""
-    decay_fraction: float = 0.2
-    """Share of training, at the end, over which the learning rate decays to 0."""
-    auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss on dead latents (Gao et al. 2024, appendix A.2)."""
-    auxk_k: int | None = None
-    """Dead latents used by AuxK per token; when empty, d_in // 2."""
-    dead_tokens: int = 250_000
-    """A latent that has not fired for this many tokens counts as dead."""
+
+
+@dataclass
+class TrainConfig(OptimSettings, TrainInputs):
+    """Everything one training run depends on, flat (one ``--flag`` per field, one key per field in
+    ``train_config.json``): :class:`TrainInputs`, then :class:`OptimSettings`, then the fields below."""
+
     context_size: int = 128
     """Tokens per model row (BOS first); at most the model's context."""
     start_token: str = "bos"
@@ -120,57 +138,57 @@ class TrainConfig:
         positive = ("k", "expansion_factor", "tokens", "batch_size", "context_size", "model_batch_rows", "dead_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise InputError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("d_sae", "auxk_k"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer or empty, got {value!r}")
+                raise InputError(f"TrainConfig.{name} must be a positive integer or empty, got {value!r}")
         if self.d_sae is not None and self.k > self.d_sae:
-            raise ValueError(f"TrainConfig.k ({self.k}) must not exceed d_sae ({self.d_sae})")
+            raise InputError(f"TrainConfig.k ({self.k}) must not exceed d_sae ({self.d_sae})")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+            raise InputError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.decay_fraction) and 0 <= self.decay_fraction <= 1):
-            raise ValueError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
+            raise InputError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
         for name in ("gsae_beta", "auxk_alpha"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+                raise InputError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
         if self.head is not None and self.site != "z":
-            raise ValueError("TrainConfig.head needs site 'z' (hook_attn_out has no head axis)")
+            raise InputError("TrainConfig.head needs site 'z' (hook_attn_out has no head axis)")
         if self.head is not None and self.head < 0:
-            raise ValueError(f"TrainConfig.head must be >= 0, got {self.head!r}")
+            raise InputError(f"TrainConfig.head must be >= 0, got {self.head!r}")
         for name in ("warmup_steps", "checkpoint_every", "eval_rows"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+                raise InputError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.log_every <= 0:
-            raise ValueError(f"TrainConfig.log_every must be a positive integer, got {self.log_every!r}")
+            raise InputError(f"TrainConfig.log_every must be a positive integer, got {self.log_every!r}")
         if self.context_size < 2:
-            raise ValueError(f"TrainConfig.context_size must be at least 2, got {self.context_size}")
+            raise InputError(f"TrainConfig.context_size must be at least 2, got {self.context_size}")
         if not 0 <= self.seed < 2**31:
-            raise ValueError(f"TrainConfig.seed must be in [0, 2**31), got {self.seed!r}")
+            raise InputError(f"TrainConfig.seed must be in [0, 2**31), got {self.seed!r}")
         if not _LAYERS_RE.match(self.layers):
-            raise ValueError(
+            raise InputError(
                 f"TrainConfig.layers must be 'all' or comma-separated layer numbers such as '0,1', got {self.layers!r}"
             )
         if self.resume and self.overwrite:
-            raise ValueError("TrainConfig.resume and TrainConfig.overwrite exclude each other: resume continues the "
+            raise InputError("TrainConfig.resume and TrainConfig.overwrite exclude each other: resume continues the "
                              "run in out_dir, overwrite deletes it; pass one of them")
         try:
             codecs.lookup(self.encoding)
         except LookupError:
-            raise ValueError(f"TrainConfig.encoding {self.encoding!r} is not a known text encoding; use e.g. "
+            raise InputError(f"TrainConfig.encoding {self.encoding!r} is not a known text encoding; use e.g. "
                              "'utf-8', 'latin-1' or 'cp1252'") from None
         for name in ("model", "dataset", "activation_cache", "wandb_project", "text_field", "out_dir", "start_token"):
             value = getattr(self, name)
             if value is not None and not value.strip():
-                raise ValueError(f"TrainConfig.{name} must not be blank (leave it empty/None instead), got {value!r}")
+                raise InputError(f"TrainConfig.{name} must not be blank (leave it empty/None instead), got {value!r}")
         if self.device is not None:
             try:
                 import torch
 
                 torch.device(self.device)
             except (RuntimeError, ValueError):
-                raise ValueError(
+                raise InputError(
                     f"TrainConfig.device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {self.device!r}"
                 ) from None
 
@@ -212,19 +230,22 @@ def _check_types(cfg) -> None:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if not _matches(value, hints[f.name]):
-            raise ValueError(
+            raise InputError(
                 f"{type(cfg).__name__}.{f.name} must be {_describe(hints[f.name])}, got {value!r}"
             )
 
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
-    """Each field's docstring (the string literal under it), read from the source."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """Each field's docstring (the string literal under it), read from the source of ``cls`` and of the
+    dataclasses it takes fields from."""
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
     return docs
 
 

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import torch
 
+from sae_lens_attn.errors import InputError
+
 Mode = Literal["none", "dp", "sites"]
 
 
@@ -126,7 +128,7 @@ def env_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+        raise InputError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
 def resolve_mode(requested: str, world_size: int | None = None) -> Mode:
@@ -136,14 +138,14 @@ def resolve_mode(requested: str, world_size: int | None = None) -> Mode:
         return "dp" if world > 1 else "none"
     if requested == "off":
         if world > 1:
-            raise ValueError(
+            raise InputError(
                 f"--distributed off, but WORLD_SIZE={world}: every process would train the same SAEs and write "
                 "the same out_dir; use --distributed dp or sites, or run one process"
             )
         return "none"
     if requested in ("dp", "sites"):
         return requested  # type: ignore[return-value]
-    raise ValueError(f"--distributed must be auto, off, dp or sites, got {requested!r}")
+    raise InputError(f"--distributed must be auto, off, dp or sites, got {requested!r}")
 
 
 def init_distributed(requested: str = "auto", device: str | None = None, timeout_s: float = 1800.0) -> Dist:
@@ -159,7 +161,7 @@ def init_distributed(requested: str = "auto", device: str | None = None, timeout
         return d
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise ValueError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun --nproc-per-node N")
+            raise InputError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun --nproc-per-node N")
     use_cuda = rank_device(device).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -183,7 +185,7 @@ def shard_sites(sites: list, dist: Dist) -> list:
     if dist.mode != "sites" or dist.world_size == 1:
         return list(sites)
     if len(sites) < dist.world_size:
-        raise ValueError(
+        raise InputError(
             f"--distributed sites with {dist.world_size} processes needs at least as many sites, got "
             f"{len(sites)} ({[s.label for s in sites]}); train more layers, use fewer processes, or use dp"
         )

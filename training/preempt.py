@@ -105,4 +105,6 @@ def program() -> list[str]:
     argv0 = sys.argv[0] if sys.argv else ""
     if Path(argv0).name == "sae-lens-attn":
         return ["sae-lens-attn"]
-    return [sys.executable, "-m", "sae_lens_attn.training.cli"]
+    if Path(argv0).parts[-2:] == ("training", "cli.py"):  # the old module path, still runnable
+        return [sys.executable, "-m", "sae_lens_attn.training.cli"]
+    return [sys.executable, "-m", "sae_lens_attn.frontends.cli"]

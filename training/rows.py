@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sae_lens_attn.data import EmptyDatasetError, text_row_blocks
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.models import SAMPLE_TEXT, token_policy
 
 from .config import TrainConfig
@@ -67,7 +68,7 @@ def read_rows(cfg: TrainConfig, model, context_size: int, dist: Dist, log=print)
     n_eval = min(cfg.eval_rows, rows.shape[0] // 4)
     eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
     if train_rows.shape[0] < dist.world_size:
-        raise ValueError(f"dataset {source} is too small: no rows left for training after {n_eval} eval rows")
+        raise InputError(f"dataset {source} is too small: no rows left for training after {n_eval} eval rows")
     policy = token_policy(model)
     keep = policy.keep(train_rows) if cfg.drop_bos else torch.ones_like(train_rows, dtype=torch.bool)
     held = int(keep.sum())

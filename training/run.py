@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +38,7 @@ from sae_lens_attn.activations import SiteBatch, activation_batches, check_sites
 from sae_lens_attn.cache import CachedActivations, write_cache
 from sae_lens_attn.data import check_text_source
 from sae_lens_attn.devices import check_device
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.evals import SITE_METRICS, SAEMetrics, evaluate_sae, format_metrics_table
 from sae_lens_attn.files import write_json, write_text
 from sae_lens_attn.models import SAMPLE_TEXT, describe_tokens, load_model, model_name, token_policy
@@ -75,7 +77,7 @@ def build_saes(
         d_in = site.d_in(model.cfg)
         d_sae = cfg.d_sae or cfg.expansion_factor * d_in
         if cfg.k > d_sae:
-            raise ValueError(
+            raise InputError(
                 f"TrainConfig.k ({cfg.k}) exceeds the {d_sae} latents of site {site.label} (expansion_factor "
                 f"{cfg.expansion_factor} x d_in {d_in}); lower --k or raise --expansion-factor / --d-sae"
             )
@@ -124,7 +126,7 @@ def memory_batches(
     (``tests/test_resume.py`` checks it against ``epoch_batches``)."""
     n = next(iter(data.values())).acts.shape[0]
     if n < batch_size:
-        raise ValueError(f"only {n} activation vectors, fewer than one batch of {batch_size}; use more text")
+        raise InputError(f"only {n} activation vectors, fewer than one batch of {batch_size}; use more text")
     per_epoch = n // batch_size
     gen = torch.Generator().manual_seed(seed)
     skip_epochs, first = divmod(start, per_epoch)
@@ -229,7 +231,7 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise ValueError(
+            raise InputError(
                 "TrainConfig.wandb_project needs the wandb package (pip install wandb); the JSONL log in "
                 "out_dir is written without it"
             ) from None
@@ -270,18 +272,19 @@ def _start_run(cfg: TrainConfig, dist: Dist, log) -> RunStart:
     return start
 
 
-@holds_run_dir  # the run directory's lock (taken in prepare_run_dir) is released when train ends
-def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
-    """Train one SAE per requested site, evaluate them, and save them under ``cfg.out_dir``.
+class _Setup(NamedTuple):
+    """What a run has before its first step: the model, the sites (all, and this rank's), the rows, the SAEs."""
 
-    ``dist``: the process group under torchrun (``Dist()``, one process, by default). Every rank calls
-    this; rank 0 alone writes files and returns the metrics.
-    """
-    dist = dist or Dist()
-    out_dir = Path(cfg.out_dir)
-    device = check_device(rank_device(cfg.device, dist))  # checked before the model loads: fails in a second
-    start = _start_run(cfg, dist, log)
-    ckpt = start.checkpoint
+    model: object
+    all_sites: list[Site]
+    sites: list[Site]
+    eval_rows: torch.Tensor
+    train_rows: torch.Tensor | None
+    saes: dict[Site, SAE]
+
+
+def _setup(cfg: TrainConfig, dist: Dist, device, log) -> _Setup:
+    """Load the model, resolve the sites, read the rows and build the SAEs, each checked before the next."""
     if cfg.deterministic:
         set_deterministic()
     torch.manual_seed(cfg.seed)
@@ -292,40 +295,35 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
     check_sites(model, all_sites)
     sites = shard_sites(all_sites, dist)
     if dist.data_parallel and cfg.batch_size % dist.world_size:
-        raise ValueError(
+        raise InputError(
             f"TrainConfig.batch_size ({cfg.batch_size}) must be divisible by the {dist.world_size} processes in "
             "data-parallel mode (each trains on batch_size / world vectors per step)"
         )
     context_size = min(cfg.context_size, int(model.cfg.n_ctx))
     eval_rows, train_rows = read_rows(cfg, model, context_size, dist, log)
     saes = build_saes(cfg, model, all_sites, context_size, only=sites)
+    return _Setup(model, all_sites, sites, eval_rows, train_rows, saes)
 
+
+def _resume(trainer: Trainer, ckpt: Path, layout: str, out_dir: Path, dist: Dist, log) -> None:
+    """Restore the trainer from ``ckpt``, refusing a checkpoint of another data layout."""
+    extra = trainer.restore(ckpt)
+    saved_layout = extra.get("data_layout", "full")
+    if saved_layout != layout:
+        raise InputError(
+            f"--resume: {ckpt} was written with data layout {saved_layout!r} but this run uses {layout!r} "
+            "(data-parallel runs must resume with the same number of processes); resume with the original "
+            "torchrun --nproc-per-node, or train into a new --out-dir"
+        )
     if dist.is_main:
-        write_config(cfg, out_dir, start.run_id)
-    ocfg = OptimConfig(
-        lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, decay_fraction=cfg.decay_fraction,
-        auxk_alpha=cfg.auxk_alpha, auxk_k=cfg.auxk_k, dead_tokens=cfg.dead_tokens, log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every, batch_size=cfg.batch_size,
-    )
-    wandb_logger = WandbLogger(cfg, out_dir) if cfg.wandb_project and dist.is_main else None
-    trainer = Trainer(saes, ocfg, out_dir, dist, loggers=[wandb_logger] if wandb_logger else [], run_id=start.run_id)
-    layout = f"dp{dist.world_size}" if dist.data_parallel else "full"
-    if ckpt is not None:
-        extra = trainer.restore(ckpt)
-        saved_layout = extra.get("data_layout", "full")
-        if saved_layout != layout:
-            raise ValueError(
-                f"--resume: {ckpt} was written with data layout {saved_layout!r} but this run uses {layout!r} "
-                "(data-parallel runs must resume with the same number of processes); resume with the original "
-                "torchrun --nproc-per-node, or train into a new --out-dir"
-            )
-        if dist.is_main:
-            truncate_log(out_dir, trainer.step_idx)
-            remove_partial_checkpoints(out_dir)
-        log(f"resumed from {ckpt} at step {trainer.step_idx}/{ocfg.steps}")
-    data = make_batches(cfg, model, train_rows, all_sites, sites, dist, start=trainer.batches_consumed, log=log)
-    trainer.extra = {"data_layout": data.layout, "batch_source": data.kind}
+        truncate_log(out_dir, trainer.step_idx)
+        remove_partial_checkpoints(out_dir)
+    log(f"resumed from {ckpt} at step {trainer.step_idx}/{trainer.cfg.steps}")
 
+
+def _fit(cfg: TrainConfig, trainer: Trainer, batches, dist: Dist) -> None:
+    """Run the training steps behind a progress bar (rank 0, ``--progress``) of mean loss, L0, FVU, dead."""
+    ocfg = trainer.cfg
     bar = tqdm(total=ocfg.steps, initial=trainer.step_idx, disable=not (cfg.progress and dist.is_main),
                dynamic_ncols=True, desc=f"{cfg.sae} k={cfg.k}")
 
@@ -342,10 +340,53 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
             )
 
     try:
-        trainer.fit(data.batches, progress)
+        trainer.fit(batches, progress)
     finally:
         bar.close()
 
+
+def _save_and_evaluate(model, all_saes: dict[Site, SAE], sparsity, eval_rows, out_dir: Path, wandb_logger,
+                       log) -> list[SAEMetrics]:
+    """Rank 0: save each SAE, evaluate it on the held-out rows, write its metrics beside it and in metrics.json."""
+    metrics = []
+    for site, sae in all_saes.items():
+        path = sae.save(out_dir / site.label, sparsity[site])
+        m, _ = evaluate_sae(model, sae, site, eval_rows)
+        write_json(path / SITE_METRICS, m.as_dict(), indent=2)  # travels with the SAE folder
+        metrics.append(m)
+        log(f"saved {site.label} -> {path}")
+    write_json(out_dir / "metrics.json", [m.as_dict() for m in metrics], indent=2)
+    if wandb_logger is not None:
+        wandb_logger.summary(metrics)
+        wandb_logger.finish()
+    return metrics
+
+
+@holds_run_dir  # the run directory's lock (taken in prepare_run_dir) is released when train ends
+def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
+    """Train one SAE per requested site, evaluate them, and save them under ``cfg.out_dir``.
+
+    ``dist``: the process group under torchrun (``Dist()``, one process, by default). Every rank calls
+    this; rank 0 alone writes files and returns the metrics.
+    """
+    dist = dist or Dist()
+    out_dir = Path(cfg.out_dir)
+    device = check_device(rank_device(cfg.device, dist))  # checked before the model loads: fails in a second
+    start = _start_run(cfg, dist, log)
+    run = _setup(cfg, dist, device, log)
+    if dist.is_main:
+        write_config(cfg, out_dir, start.run_id)
+    ocfg = OptimConfig.of(cfg)  # the optimiser settings, steps, cadence and batch size, by field name
+    wandb_logger = WandbLogger(cfg, out_dir) if cfg.wandb_project and dist.is_main else None
+    trainer = Trainer(run.saes, ocfg, out_dir, dist, loggers=[wandb_logger] if wandb_logger else [],
+                      run_id=start.run_id)
+    if start.checkpoint is not None:
+        _resume(trainer, start.checkpoint, f"dp{dist.world_size}" if dist.data_parallel else "full", out_dir,
+                dist, log)
+    data = make_batches(cfg, run.model, run.train_rows, run.all_sites, run.sites, dist,
+                        start=trainer.batches_consumed, log=log)
+    trainer.extra = {"data_layout": data.layout, "batch_source": data.kind}
+    _fit(cfg, trainer, data.batches, dist)
     if ocfg.dead_note(trainer.step_idx):
         log(f"training's dead-latent statistic: {ocfg.dead_note(trainer.step_idx)}; the table's 'dead' is counted on "
             "the evaluation tokens")
@@ -353,16 +394,6 @@ def train(cfg: TrainConfig, log=print, dist: Dist | None = None) -> TrainResult:
     for sae in all_saes.values():
         sae.reuse_pre_buffer = False  # handed to the caller: every encode returns its own pre
     sparsity = trainer.gather_log_sparsity()
-    metrics = []
-    if dist.is_main:
-        for site, sae in all_saes.items():
-            path = sae.save(out_dir / site.label, sparsity[site])
-            m, _ = evaluate_sae(model, sae, site, eval_rows)
-            write_json(path / SITE_METRICS, m.as_dict(), indent=2)  # travels with the SAE folder
-            metrics.append(m)
-            log(f"saved {site.label} -> {path}")
-        write_json(out_dir / "metrics.json", [m.as_dict() for m in metrics], indent=2)
-        if wandb_logger is not None:
-            wandb_logger.summary(metrics)
-            wandb_logger.finish()
+    metrics = (_save_and_evaluate(run.model, all_saes, sparsity, run.eval_rows, out_dir, wandb_logger, log)
+               if dist.is_main else [])
     return TrainResult(all_saes, metrics, out_dir)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import ensure_dir, write_error, write_json, write_text
 
 from .checkpoints import (
@@ -62,7 +63,7 @@ _SAE_DIR_RE = re.compile(r"^L\d+\.(z|attn_out)(\.h\d+)?$")
 _KEPT = "the checkpoints here are kept; --overwrite true would delete them"
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """``out_dir`` cannot be used as asked (it holds another run, or resuming would mix two runs)."""
 
 

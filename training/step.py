@@ -18,36 +18,31 @@ split batch rounds like the whole one.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 
 from sae_lens_attn.activations import NonFiniteActivationError, SiteBatch
+from sae_lens_attn.errors import UserError
 from sae_lens_attn.kernels import keep_freed_host_memory, sparse_decode, topk_indices
 from sae_lens_attn.sae import SAE
 
+from .config import OptimSettings
 from .distributed import Dist
 
 
-@dataclass
-class OptimConfig:
-    """What the trainer needs to know; ``TrainConfig`` fills it for the CLI."""
+class DivergedError(UserError, FloatingPointError):
+    """The training loss became non-finite (the learning rate is too high for this data)."""
 
-    lr: float = 2e-3
-    """Adam learning rate after warm-up."""
+
+@dataclass
+class OptimConfig(OptimSettings):
+    """What the trainer needs to know: the optimiser settings (:class:`~.config.OptimSettings`) plus the
+    run's length and cadence."""
+
     steps: int = 1000
     """Total optimizer steps."""
-    warmup_steps: int = 50
-    """Linear warm-up steps."""
-    decay_fraction: float = 0.2
-    """Final share of steps over which the rate decays linearly to 0."""
-    auxk_alpha: float = 1 / 32
-    """AuxK loss weight."""
-    auxk_k: int | None = None
-    """Dead latents per token in AuxK (default d_in // 2)."""
-    dead_tokens: int = 250_000
-    """Tokens without firing after which a latent counts as dead."""
     log_every: int = 10
     """Steps between log records."""
     checkpoint_every: int = 0
@@ -55,6 +50,13 @@ class OptimConfig:
     batch_size: int | None = None
     """Global activation vectors per step, when known: the log then says ``dead`` is not measured until
     ``dead_tokens`` tokens have been seen (before that, no latent can count as dead)."""
+
+    @classmethod
+    def of(cls, settings, **overrides) -> OptimConfig:
+        """The trainer's config from any settings object holding these fields by name (``TrainConfig``, the
+        g-SAE study's config), so no field is copied by hand; ``overrides`` win."""
+        values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        return cls(**{**values, **overrides})
 
     def dead_note(self, step: int) -> str:
         """Why the dead fraction at ``step`` means nothing yet, or ``""``."""
@@ -206,7 +208,7 @@ class SiteState:
             auxk = aux_num / s3[0].clamp_min(1e-12).to(x.dtype)
             loss = loss + self.cfg.auxk_alpha * auxk
         if s3[1].item() > 0:
-            raise FloatingPointError(f"the loss became non-finite at step {step}; lower the learning rate")
+            raise DivergedError(f"the loss became non-finite at step {step}; lower the learning rate")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self._reduce_grads()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from sae_lens_attn.errors import InputError
+
 from .config import _check_types
 
 
@@ -34,9 +36,9 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         if self.context_size < 2:
-            raise ValueError(f"TokenizeConfig.context_size must be at least 2, got {self.context_size}")
+            raise InputError(f"TokenizeConfig.context_size must be at least 2, got {self.context_size}")
         if self.tokens is not None and self.tokens <= 0:
-            raise ValueError(f"TokenizeConfig.tokens must be positive or empty, got {self.tokens}")
+            raise InputError(f"TokenizeConfig.tokens must be positive or empty, got {self.tokens}")
 
 
 def tokenize(cfg: TokenizeConfig, log=print) -> dict:

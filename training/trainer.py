@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sae_lens_attn.activations import NonFiniteActivationError, SiteBatch
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import append_text, ensure_dir
 from sae_lens_attn.interop import check_version
 from sae_lens_attn.sae import SAE
@@ -70,7 +71,7 @@ class Trainer:
         run_id: str | None = None,
     ):
         if not saes:
-            raise ValueError("Trainer needs at least one SAE")
+            raise InputError("Trainer needs at least one SAE")
         self.cfg = cfg
         self.dist = dist or Dist()
         group = self.dist if self.dist.data_parallel else Dist()

@@ -1,11 +1,7 @@
-"""A local web app for exploring any prompt through attention-output SAEs (``sae-lens-attn explore``).
+"""Compatibility path: the explorer is a front end, in :mod:`sae_lens_attn.frontends.explorer`. This module
+only re-exports its public names; the layer test allows it because it holds no code of its own and nothing
+in the package imports it."""
 
-:mod:`.session` computes every number as JSON from the Python API (testable without HTTP); :mod:`.detail`
-and :mod:`.steer` are its feature and steering views; :mod:`.server` serves it with FastAPI and uvicorn
-(the ``explore`` extra); ``static/`` holds the page (plain HTML and JavaScript, plotly.js served from the
-installed ``plotly`` package, nothing from the network).
-"""
-
-from .session import ExplorerSession, LoadedSAE, Prompt, UnknownSAEError
+from sae_lens_attn.frontends.explorer import ExplorerSession, LoadedSAE, Prompt, UnknownSAEError
 
 __all__ = ["ExplorerSession", "LoadedSAE", "Prompt", "UnknownSAEError"]

@@ -16,7 +16,7 @@ The sparse path (trainer, evals): ``encode_sparse(x) -> SparseCode(values, indic
 decides each feature, ``linear_encoder()`` / ``encode_pre(x)``.
 
 Subclasses: :class:`~sae_lens_attn.saes.topk.TopKSAE` (TopK and g-SAE, the one we train),
-:class:`~sae_lens_attn.saes.relu.StandardSAE`, ``JumpReLUSAE``, ``BatchTopKSAE``, ``GatedSAE``.
+:class:`~sae_lens_attn.saes.standard.StandardSAE`, ``JumpReLUSAE``, ``BatchTopKSAE``, ``GatedSAE``.
 ``SAE(cfg)`` builds the subclass named by ``cfg.architecture``.
 """
 
@@ -31,8 +31,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import nn
 
+from ..errors import InputError, UserError
 from ..kernels import rowwise_dot, sparse_decode
-from .config import SAEConfig
+from .config import REGISTRY, SAEConfig, register_architecture
 
 
 class SparseCode(NamedTuple):
@@ -51,7 +52,7 @@ class SparseCode(NamedTuple):
     name (``standard``, ``jumprelu``, ``batchtopk``, ``gated``)."""
 
 
-class NonFiniteOutputError(FloatingPointError):
+class NonFiniteOutputError(UserError, FloatingPointError):
     """An SAE gave inf/NaN from finite input: its weights overflow its dtype (the message names the SAE)."""
 
 
@@ -68,16 +69,18 @@ class SAE(nn.Module):
     (``SAE(SAEConfig(d_in=..., d_sae=..., k=...))`` is a :class:`TopKSAE`); ``SAE.load(dir)`` the one
     the files name."""
 
-    #: The SAEConfig.architecture this class implements (set by each subclass).
+    #: The SAEConfig.architecture this class implements (set by each subclass; defining the subclass
+    #: registers it).
     architecture: ClassVar[str] = ""
+    #: The architecture its cfg.json names, when not ``architecture`` (BatchTopK is saved as ``jumprelu``).
+    saelens_name: ClassVar[str | None] = None
     #: Where it was loaded from (``SAE.load`` sets it); names the SAE in errors.
     source: str | None = None
-    _classes: ClassVar[dict[str, type[SAE]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("architecture"):
-            SAE._classes[cls.__dict__["architecture"]] = cls
+            register_architecture(cls, cls.__dict__["architecture"], cls.__dict__.get("saelens_name"))
 
     def __new__(cls, *args: Any, **kwargs: Any):
         if cls is SAE:
@@ -90,7 +93,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, init: bool = True):
         super().__init__()
         if cfg.architecture != self.architecture:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__} needs SAEConfig.architecture={self.architecture!r}, got "
                 f"{cfg.architecture!r}; SAE(cfg) builds the class the config names"
             )
@@ -134,11 +137,11 @@ class SAE(nn.Module):
         if self.cfg.reshape_activations == "hook_z" and x.dim() >= 2 and x.shape[-2] * x.shape[-1] == d_in:
             return einops.rearrange(x, "... head d_head -> ... (head d_head)")
         if x.dim() >= 2 and x.shape[-2] * x.shape[-1] == d_in:
-            raise ValueError(
+            raise InputError(
                 f"input of shape {tuple(x.shape)}: its last dim {x.shape[-1]} is not the SAE's d_in={d_in}, and "
                 "this SAE's reshape_activations is 'none': flatten the heads first (Site.flatten)"
             )
-        raise ValueError(f"input width {x.shape[-1]} does not match the SAE's d_in={d_in} (input shape {tuple(x.shape)})")
+        raise InputError(f"input width {x.shape[-1]} does not match the SAE's d_in={d_in} (input shape {tuple(x.shape)})")
 
     def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x`` flat, in the weights' dtype, and the b_dec to subtract from it (None: none)."""
@@ -167,7 +170,7 @@ class SAE(nn.Module):
         """``encode_pre`` as one affine map on the flat input, ``pre = x @ W + b``, for ``features`` (latent
         ids; all when None), b_dec folded into ``b``; in ``dtype`` (default: the weights'). DFA and every
         attribution split ``x @ W`` exactly. TopK, ReLU, JumpReLU: ``W = W_enc``, ``b = b_enc - b_dec @ W_enc``;
-        gated: the magnitude path (see :class:`~sae_lens_attn.saes.relu.GatedSAE`)."""
+        gated: the magnitude path (see :class:`~sae_lens_attn.saes.gated.GatedSAE`)."""
         ids = None if features is None else torch.as_tensor(features, dtype=torch.long, device=self.W_enc.device)
         W, b = self._pre_weights(ids)
         if dtype is not None:
@@ -231,7 +234,7 @@ class SAE(nn.Module):
         """Each row's active latents (see :class:`SparseCode`). ``grad``: the g-SAE rule's dL/dx, which
         only a TopK SAE with ``selection='gsae'`` uses."""
         if grad is not None:
-            raise ValueError(f"a {self.architecture} SAE has no gradient-aware selection; pass grad=None")
+            raise InputError(f"a {self.architecture} SAE has no gradient-aware selection; pass grad=None")
         xc = self.center(x)
         W, b = self._pre_weights()
         pre = xc @ W + b
@@ -294,7 +297,7 @@ class SAE(nn.Module):
         site.validate(model_cfg)
         want = site.d_in(model_cfg)
         if want != self.cfg.d_in:
-            raise ValueError(
+            raise InputError(
                 f"d_in mismatch: the SAE expects d_in={self.cfg.d_in}, but site {site.label} "
                 f"({site.hook_name}) of this model has width {want}; load the SAE trained for this site"
             )
@@ -351,9 +354,8 @@ class SAE(nn.Module):
 
 
 def sae_class(architecture: str) -> type[SAE]:
-    """The SAE subclass implementing ``architecture``."""
-    from . import relu, topk  # noqa: F401  (registers the subclasses)
-
-    if architecture not in SAE._classes:
-        raise ValueError(f"no SAE class for architecture {architecture!r} (known: {sorted(SAE._classes)})")
-    return SAE._classes[architecture]
+    """The SAE subclass implementing ``architecture`` (the built-in ones are defined, so registered, when
+    ``sae_lens_attn.saes`` is imported)."""
+    if architecture not in REGISTRY:
+        raise InputError(f"no SAE class for architecture {architecture!r} (known: {sorted(REGISTRY)})")
+    return REGISTRY[architecture].cls

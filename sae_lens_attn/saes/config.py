@@ -9,10 +9,9 @@ from typing import Any, Literal
 import torch
 
 from .. import __version__
+from ..errors import InputError
 
 Selection = Literal["topk", "gsae"]
-Architecture = Literal["topk", "batchtopk", "jumprelu", "standard", "gated"]
-ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "standard", "gated")
 
 #: The SAELens file-format version our files claim (the v6 layout). SAELens reads a config without
 #: ``metadata.sae_lens_version`` >= 6 through its pre-6 converter, which drops the metadata.
@@ -36,7 +35,35 @@ def version_tuple(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-class SAEFileError(ValueError):
+@dataclass(frozen=True)
+class ArchitectureInfo:
+    """One SAE architecture as the config and the files know it; registered by its class."""
+
+    name: str
+    """``SAEConfig.architecture``."""
+    saelens_name: str
+    """The architecture cfg.json names (BatchTopK is saved for inference as ``jumprelu``; the name above then
+    goes into ``metadata.training_architecture``)."""
+    cls: type
+    """The :class:`~sae_lens_attn.saes.base.SAE` subclass implementing it."""
+
+
+#: Every SAE architecture by name, in registration order. A subclass of ``SAE`` with a class attribute
+#: ``architecture`` registers itself when it is defined (``SAE.__init_subclass__``): that is all a new
+#: architecture needs.
+REGISTRY: dict[str, ArchitectureInfo] = {}
+
+
+def register_architecture(cls: type, name: str, saelens_name: str | None = None) -> None:
+    REGISTRY[name] = ArchitectureInfo(name, saelens_name or name, cls)
+
+
+def architectures() -> tuple[str, ...]:
+    """The names of the registered architectures."""
+    return tuple(REGISTRY)
+
+
+class SAEFileError(InputError):
     """An SAE directory or file that cannot be read: the message names the file and what is wrong."""
 
 
@@ -66,33 +93,33 @@ class SAEConfig:
     (as SAELens does for hook_z SAEs)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """model_name, hook_name, hook_head_index, context_size, prepend_bos, ... (SAELens v6 ``metadata``)."""
-    architecture: Architecture = "topk"
+    architecture: str = "topk"
     """Activation function, as SAELens names it: ``topk`` (TopK / g-SAE, the one we train), ``batchtopk``
     (BatchTopK as SAELens stores it for inference: JumpReLU with one threshold), ``jumprelu``, ``standard``
-    (ReLU) or ``gated``."""
+    (ReLU), ``gated``, or any other registered architecture (:data:`REGISTRY`)."""
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae", "k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_WIDTH:
-                raise ValueError(f"SAEConfig.{name} must be a positive integer of at most {MAX_WIDTH:,}, got {value!r}")
+                raise InputError(f"SAEConfig.{name} must be a positive integer of at most {MAX_WIDTH:,}, got {value!r}")
         if not isinstance(self.apply_b_dec_to_input, bool):
-            raise ValueError(f"SAEConfig.apply_b_dec_to_input must be True or False, got {self.apply_b_dec_to_input!r}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"SAEConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+            raise InputError(f"SAEConfig.apply_b_dec_to_input must be True or False, got {self.apply_b_dec_to_input!r}")
+        if self.architecture not in REGISTRY:
+            raise InputError(f"SAEConfig.architecture must be one of {architectures()}, got {self.architecture!r}")
         if self.architecture == "topk" and self.k > self.d_sae:
-            raise ValueError(f"SAEConfig.k ({self.k}) must not exceed d_sae ({self.d_sae})")
+            raise InputError(f"SAEConfig.k ({self.k}) must not exceed d_sae ({self.d_sae})")
         if self.selection not in ("topk", "gsae"):
-            raise ValueError(f"SAEConfig.selection must be 'topk' or 'gsae', got {self.selection!r}")
+            raise InputError(f"SAEConfig.selection must be 'topk' or 'gsae', got {self.selection!r}")
         if self.selection == "gsae" and self.architecture != "topk":
-            raise ValueError(f"SAEConfig.selection='gsae' needs architecture='topk', got {self.architecture!r}")
+            raise InputError(f"SAEConfig.selection='gsae' needs architecture='topk', got {self.architecture!r}")
         if isinstance(self.gsae_beta, bool) or not isinstance(self.gsae_beta, (int, float)) \
                 or not math.isfinite(self.gsae_beta) or self.gsae_beta < 0:
-            raise ValueError(f"SAEConfig.gsae_beta must be a finite number >= 0, got {self.gsae_beta!r}")
+            raise InputError(f"SAEConfig.gsae_beta must be a finite number >= 0, got {self.gsae_beta!r}")
         if self.reshape_activations not in ("none", "hook_z"):
-            raise ValueError(f"SAEConfig.reshape_activations must be 'none' or 'hook_z', got {self.reshape_activations!r}")
+            raise InputError(f"SAEConfig.reshape_activations must be 'none' or 'hook_z', got {self.reshape_activations!r}")
         if not isinstance(self.dtype, str) or getattr(torch, self.dtype, None) not in FLOAT_DTYPES:
-            raise ValueError(f"SAEConfig.dtype must be a floating-point dtype (float32, float64, float16 or "
+            raise InputError(f"SAEConfig.dtype must be a floating-point dtype (float32, float64, float16 or "
                              f"bfloat16), got {self.dtype!r}")
 
     def to_saelens_dict(self) -> dict[str, Any]:
@@ -106,14 +133,13 @@ class SAEConfig:
         # SAELens treats a cfg.json without metadata.sae_lens_version as pre-v6 and drops the metadata.
         meta["sae_lens_version"] = SAELENS_FORMAT_VERSION
         meta["sae_lens_attn_version"] = __version__
-        arch: str = self.architecture
+        arch = REGISTRY[self.architecture].saelens_name
         extra: dict[str, Any] = {}
-        if arch == "topk":
+        if self.architecture == "topk":
             meta.update(selection=self.selection, gsae_beta=self.gsae_beta)
             extra = {"k": self.k, "rescale_acts_by_decoder_norm": False}
-        elif arch == "batchtopk":
-            arch = "jumprelu"
-            meta["training_architecture"] = "batchtopk"
+        elif arch != self.architecture:
+            meta["training_architecture"] = self.architecture
         return {
             "architecture": arch,
             "d_in": self.d_in,
@@ -136,10 +162,11 @@ class SAEConfig:
         """
         arch = d.get("architecture")
         meta = dict(d.get("metadata") or {})
-        if arch == "jumprelu" and meta.get("training_architecture") == "batchtopk":
-            arch = "batchtopk"
-        if arch not in ARCHITECTURES:
-            raise SAEFileError(f"{source}: architecture {arch!r} is not supported (supported: {ARCHITECTURES})")
+        trained = REGISTRY.get(str(meta.get("training_architecture")))
+        if trained is not None and trained.name != arch and trained.saelens_name == arch:
+            arch = trained.name  # saved under another architecture's SAELens name (BatchTopK as jumprelu)
+        if arch not in REGISTRY:
+            raise SAEFileError(f"{source}: architecture {arch!r} is not supported (supported: {architectures()})")
         if d.get("normalize_activations", "none") != "none":
             raise SAEFileError(f"{source}: normalize_activations={d['normalize_activations']!r} is not supported; fold it first")
         if d.get("rescale_acts_by_decoder_norm", False):
@@ -158,7 +185,7 @@ class SAEConfig:
                 f"{source}: written by sae_lens_attn {theirs}, newer than this sae_lens_attn {__version__}; "
                 "upgrade sae_lens_attn to read it"
             )
-        if arch == "batchtopk":
+        if REGISTRY[arch].saelens_name != arch:
             meta.pop("training_architecture", None)
         try:
             return cls(

@@ -14,7 +14,7 @@ import torch
 from .. import __version__
 from ..files import ensure_dir, save_tensors, write_json
 from ..weights_only import weights_only_refusal
-from .config import SAEFileError, version_tuple
+from .config import REGISTRY, SAEFileError, version_tuple
 
 __all__ = ["SAEFileError", "CFG_FILENAME", "WEIGHTS_FILENAME", "SPARSITY_FILENAME"]
 
@@ -33,11 +33,14 @@ SAELENS_ARCH_FIELDS = {
     "jumprelu": (),
     "gated": (),
 }
-#: Architectures a SAELens cfg.json may name that we read: the inference ones, and ``batchtopk``, which
-#: SAELens' trainer writes into its checkpoints (``save_model`` of a BatchTopKTrainingSAE).
-SAELENS_READABLE_ARCHITECTURES = (*SAELENS_ARCH_FIELDS, "batchtopk")
 SAELENS_NORMALIZE = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm",
                      "covariance_whitening")
+
+
+def readable_architectures() -> tuple[str, ...]:
+    """Architectures a cfg.json may name that we read: SAELens' inference ones, and every registered one
+    (``batchtopk`` among them, which SAELens' trainer writes into its checkpoints)."""
+    return tuple(dict.fromkeys((*SAELENS_ARCH_FIELDS, *REGISTRY)))
 
 
 def read_cfg_json(f: Path) -> dict[str, Any]:

@@ -36,12 +36,12 @@ from .base import SAE
 from .config import MAX_WIDTH, SAELENS_FORMAT_VERSION, SAEConfig, SAEFileError, version_tuple
 from .files import (
     CFG_FILENAME,
-    SAELENS_READABLE_ARCHITECTURES,
     WEIGHTS_FILENAME,
     check_version,
     read_cfg_json,
     read_safetensors_layout,
     read_tensors,
+    readable_architectures,
 )
 
 #: A tensor as the file describes it: (shape, dtype name, is floating point).
@@ -84,9 +84,9 @@ def normalise_saelens_cfg(d: Mapping[str, Any], source: str = CFG_FILENAME) -> d
     if missing:
         raise SAEFileError(f"{source}: missing field(s) {missing}")
     arch = d.get("architecture")
-    if not isinstance(arch, str) or arch not in SAELENS_READABLE_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in readable_architectures():
         raise SAEFileError(
-            f"{source}: architecture {arch!r} is not supported (supported: {sorted(SAELENS_READABLE_ARCHITECTURES)})"
+            f"{source}: architecture {arch!r} is not supported (supported: {sorted(readable_architectures())})"
         )
     if arch == "topk" and "k" not in d:
         raise SAEFileError(f"{source}: a topk SAE needs the field 'k'")

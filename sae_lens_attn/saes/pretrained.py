@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from .base import SAE
 from .config import SAELENS_FORMAT_VERSION, SAEFileError
 from .files import read_tensors
@@ -49,7 +50,7 @@ def pretrained_saes(release: str) -> dict[str, str]:
 
 def _release(release: str) -> dict[str, Any]:
     if release not in releases():
-        raise ValueError(f"unknown release {release!r}; known attention-SAE releases: {sorted(releases())}")
+        raise InputError(f"unknown release {release!r}; known attention-SAE releases: {sorted(releases())}")
     return releases()[release]
 
 
@@ -66,7 +67,7 @@ def _sae_path(release: str, sae_id: str) -> str:
         close = sorted(ids, key=nearness)[:8]
         listing = (f"closest of its {len(ids)} ids: {close} (all of them: "
                    f"sae_lens_attn.saes.pretrained.pretrained_saes({release!r}))")
-    raise ValueError(f"release {release!r} has no SAE {sae_id!r}; {listing}")
+    raise InputError(f"release {release!r} has no SAE {sae_id!r}; {listing}")
 
 
 def fetch_file(repo_id: str, filename: str, local_dir: str | os.PathLike | None = None) -> Path:
@@ -95,7 +96,7 @@ def gemma_scope_cfg(release: str, sae_id: str, path: str, W_enc_shape: tuple[int
     rel = _release(release)
     layer = re.search(r"layer_(\d+)", path)
     if layer is None or len(W_enc_shape) != 2:
-        raise ValueError(f"{release}: cannot read the layer from the SAE path {path!r}, or W_enc is not a matrix")
+        raise InputError(f"{release}: cannot read the layer from the SAE path {path!r}, or W_enc is not a matrix")
     return {
         "architecture": rel["architecture"], "d_in": int(W_enc_shape[0]), "d_sae": int(W_enc_shape[1]), "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": bool(rel["apply_b_dec_to_input"]), "normalize_activations": "none",
@@ -132,4 +133,4 @@ def from_pretrained(release: str, sae_id: str, *, device: str | torch.device | N
             raise SAEFileError(f"{f}: no W_enc (has {sorted(tensors)}); not a Gemma Scope params.npz")
         cfg = gemma_scope_cfg(release, sae_id, path, tuple(tensors["W_enc"].shape))
         return build_sae(cfg, tensors, str(f), f, device, dtype)
-    raise ValueError(f"{release}: unknown file format {rel['format']!r} in {REGISTRY_FILE}")  # pragma: no cover
+    raise InputError(f"{release}: unknown file format {rel['format']!r} in {REGISTRY_FILE}")  # pragma: no cover

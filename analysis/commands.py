@@ -1,10 +1,7 @@
-"""``sae-lens-attn analyze`` and ``sae-lens-attn dashboard``: the analysis from the command line.
-
-``analyze`` prints the head-by-head survey (weight-based head attribution with each feature's top tokens),
-the heads' induction and previous-token scores, the prefix-length study of the SAE's layer, and the SAE's
-induction features with the heads and source tokens they come from; ``--out`` also writes it all as JSON.
-``dashboard`` writes one HTML page per feature and an index page. ``explore`` (registered here, built in
-:mod:`sae_lens_attn.explorer.cli`) serves the local web app.
+"""The analysis part of the command line: every registered analysis (:mod:`.registry`; ``analyze`` is
+:mod:`.report`) as a subcommand with the common flags and ``--out`` JSON, and ``dashboard``, which writes one
+HTML page per feature and an index page. :mod:`sae_lens_attn.frontends.cli`
+dispatches here.
 """
 
 from __future__ import annotations
@@ -14,9 +11,11 @@ import math
 import sys
 from pathlib import Path
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import write_json
 
-ERRORS = (ValueError, FileNotFoundError, OSError, FloatingPointError, KeyError)
+from . import report as _report  # noqa: F401  (registers ``analyze``)
+from .registry import ANALYSES, Analysis, Context
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,27 +33,27 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "experiment); without it, a model other than the SAE's is refused")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None ones (their help says what empty means)."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def add_subcommands(sub) -> None:
-    """Add ``analyze``, ``dashboard`` and ``explore`` to the ``sae-lens-attn`` subparsers."""
-    fmt = _Formatter
-    a = sub.add_parser(
-        "analyze", formatter_class=fmt,
-        help="head survey, induction heads and features, prefix-length study of an attention SAE",
-        description="Which heads write each feature (decoder-norm shares), which features each head computes, which "
-        "features are induction features and where their DFA comes from (Kissane et al. 2024).",
-    )
-    _common(a)
-    a.add_argument("--top", type=int, default=5, help="features listed per head")
-    a.add_argument("--induction-length", type=int, default=32, help="length of the random sequence repeated in [BOS, r, r]")
-    a.add_argument("--n-seq", type=int, default=16, help="repeated random sequences")
-    a.add_argument("--out", default=None, help="also write the report as JSON to this file")
+def _add_analysis(sub, analysis: Analysis) -> None:
+    p = sub.add_parser(analysis.name, formatter_class=HelpFormatter, help=analysis.help,
+                       description=analysis.description or analysis.help)
+    _common(p)
+    for opt in analysis.options:
+        p.add_argument(opt.flag, type=opt.type, default=opt.default, help=opt.help)
+    p.add_argument("--out", default=None, help="also write the report as JSON to this file")
+
+
+def add_parsers(sub) -> None:
+    """Add ``analyze``, ``dashboard`` and every other registered analysis to the ``sae-lens-attn``
+    subparsers."""
+    fmt = HelpFormatter
+    _add_analysis(sub, ANALYSES["analyze"])
     d = sub.add_parser(
         "dashboard", formatter_class=fmt,
         help="one HTML page per feature and an index page (open index.html from disk)",
@@ -73,9 +72,9 @@ def add_subcommands(sub) -> None:
                    "on repeated random tokens)")
     d.add_argument("--plotlyjs", choices=["inline", "file"], default="file",
                    help="file: one plotly.min.js beside the pages (pages of tens of kB); inline: every page self-contained (~5 MB)")
-    from sae_lens_attn.explorer.cli import add_parser as add_explore
-
-    add_explore(sub, fmt)
+    for analysis in ANALYSES.values():
+        if analysis.name != "analyze":
+            _add_analysis(sub, analysis)
 
 
 def _load(args):
@@ -88,7 +87,7 @@ def _load(args):
     from ._common import sae_site
 
     if args.tokens <= 0:
-        raise ValueError(f"--tokens must be positive, got {args.tokens}")
+        raise InputError(f"--tokens must be positive, got {args.tokens}")
     check_text_source(args.dataset or SAMPLE_TEXT, getattr(args, "encoding", "utf-8"))  # before the model loads
     sae = load_sae(args.sae, device="cpu")
     site = sae_site(sae)
@@ -136,81 +135,20 @@ def _parse_features(text: str | None, d_sae: int) -> list[int] | None:
     try:
         features = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--features must be comma-separated integers, got {text!r}") from None
+        raise InputError(f"--features must be comma-separated integers, got {text!r}") from None
     bad = [f for f in features if not 0 <= f < d_sae]
     if bad:
-        raise ValueError(f"--features: feature ids must be in [0, {d_sae}), got {bad}")
+        raise InputError(f"--features: feature ids must be in [0, {d_sae}), got {bad}")
     return features
 
 
-def run_analyze(args) -> int:
-    from sae_lens_attn.evals import metrics_lines, saved_metrics
-
-    from .features import StatsConfig, feature_stats
-    from .heads import format_head_report, head_report
-    from .induction import (
-        classify_prefix_heads,
-        head_induction_scores,
-        induction_feature_report,
-        prefix_length_study,
-        repeated_tokens,
-    )
-    from .induction_heads import explain_writers, format_writers, induction_writers
-    from .survey import format_head_roles, head_roles
-
+def run_analysis(analysis: Analysis, args) -> int:
+    """Load the model, SAE and rows, print each part of ``analysis`` as it comes, write ``--out``."""
     model, sae, site, rows, _ = _load(args)
-    n_heads = int(model.cfg.n_heads)
-    stats = feature_stats(model, sae, rows, site=site, cfg=StatsConfig(batch_rows=args.batch_rows, seed=args.seed, n_samples=8))
-    report: dict = {"site": site.label, "sae": str(args.sae), "tokens": stats.n_tokens,
-                    "dead_fraction": float((stats.fire_count == 0).float().mean())}
-    print(f"{site.label} of {report['sae']}: {stats.n_tokens:,} tokens, {report['dead_fraction']:.1%} of "
-          f"{sae.cfg.d_sae} features never fired")
-    saved = saved_metrics(sae)
-    if saved is not None:
-        print("\n".join(metrics_lines(saved)))
-        report["evaluation_at_training"] = saved
-    if site.kind == "z":
-        heads = head_report(sae, n_heads, site, top=args.top, density=stats.density, describe=stats.describe)
-        print("\nEach head's top features by decoder-norm share (Kissane et al. 2024, section 4.1)")
-        print(format_head_report(heads, per_head=args.top))
-        roles = head_roles(model, sae, stats, site, describe=stats.describe)
-        print("\nHead survey: which features belong to each head and their roles (criterion: analysis/survey.py)")
-        print(format_head_roles(roles))
-        report["heads"] = [
-            {"layer": h.layer, "head": h.head, "n_dominant": h.n_dominant, "mean_share": h.mean_share,
-             "features": [vars(f) for f in h.features], "verdict": r.verdict, "roles": r.roles}
-            for h, r in zip(heads, roles)
-        ]
-    toks = repeated_tokens(model, args.n_seq, args.induction_length, args.seed)
-    hs = head_induction_scores(model, tokens=toks)
-    print("\nHead induction / previous-token scores on [BOS, r, r]")
-    for layer in range(hs.induction.shape[0]):
-        ind = " ".join(f"{v:.2f}" for v in hs.induction[layer].tolist())
-        prev = " ".join(f"{v:.2f}" for v in hs.previous_token[layer].tolist())
-        print(f"  L{layer} induction: {ind}\n  L{layer} prev-tok:  {prev}")
-    report["head_induction"] = hs.induction.tolist()
-    report["head_previous_token"] = hs.previous_token.tolist()
-    study = prefix_length_study(model, n_seq=args.n_seq, seed=args.seed)
-    kinds = [k for k in classify_prefix_heads(study) if k.kind != "none"]
-    print("\nPrefix-length study (attention to the token after the earlier occurrence; Kissane et al. 2024, 4.3)")
-    for k in kinds:
-        print(f"  L{k.layer}H{k.head}: {k.kind} (one-token match {k.short:.2f}, longest {k.long:.2f})")
-    if not kinds:
-        print("  no induction heads found")
-    report["prefix_study"] = {"prefix_lengths": study.prefix_lengths, "head_scores": study.head_scores.tolist(),
-                              "kinds": [k._asdict() for k in kinds]}
-    found = induction_feature_report(model, sae, tokens=toks, site=site, top=args.top * 2)
-    print(f"\nInduction features ({len(found)} shown): >= 90% of activation mass on the second copy")
-    report["induction_features"] = [f._asdict() for f in found]
-    for f in found:
-        print(f"  #{f.feature:<6d} mass {f.mass_second:.2f}  DFA {f.head_fraction:.0%} from L{site.layer}H{f.head}, "
-              f"{f.source_fraction:.0%} of it from the token after the earlier occurrence")
-    if found:
-        writers = induction_writers(model, sae, [f.feature for f in found], toks, site)
-        print("\nWhich heads write the induction features (DFA = attention to the induction source x value read-out)")
-        print(format_writers(writers, site.layer))
-        print("  " + explain_writers(writers, site.layer))
-        report["induction_writers"] = [w._asdict() for w in writers]
+    report: dict = {}
+    for part in analysis.run(Context(model, sae, site, rows, args)):
+        print(part.text)
+        report.update(part.data)
     if args.out:
         write_json(args.out, report, indent=1)
         print(f"\nreport written to {Path(args.out).resolve()}")
@@ -225,7 +163,7 @@ def run_dashboard(args) -> int:
     model, sae, site, rows, features = _load(args)
     for name in ("n_features", "n_induction"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     stats = feature_stats(model, sae, rows, features=features, site=site,
                           cfg=StatsConfig(batch_rows=args.batch_rows, seed=args.seed))
     scores = induction_scores_or_none(model, sae, site, stats, seed=args.seed)  # None: refused for this model
@@ -241,13 +179,9 @@ def run_dashboard(args) -> int:
     return 0
 
 
-def run(args) -> int:
-    """Dispatch ``analyze`` / ``dashboard``; errors a user can fix print one line and return 2."""
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """Run ``analyze`` or ``dashboard`` (a UserError prints as one line in frontends.cli)."""
     from sae_lens_attn.provenance import transfer_allowed
 
-    try:
-        with transfer_allowed(args.allow_transfer):
-            return run_analyze(args) if args.command == "analyze" else run_dashboard(args)
-    except ERRORS as err:
-        print(f"sae-lens-attn: error: {err}", file=sys.stderr)
-        return 2
+    with transfer_allowed(args.allow_transfer):
+        return run_dashboard(args) if args.command == "dashboard" else run_analysis(ANALYSES[args.command], args)

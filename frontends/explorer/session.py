@@ -36,6 +36,7 @@ import torch
 from sae_lens_attn.activations import harvest
 from sae_lens_attn.analysis._common import HeadEncoder, decode_token, head_encoder, sae_site
 from sae_lens_attn.analysis.heads import head_shares
+from sae_lens_attn.errors import InputError, UserError
 from sae_lens_attn.evals import metrics_lines, saved_metrics
 from sae_lens_attn.models import model_device, model_name
 from sae_lens_attn.sae import SAE
@@ -46,7 +47,7 @@ from sae_lens_attn.spec import model_spec
 MAX_TOP_K = 64
 
 
-class UnknownSAEError(KeyError):
+class UnknownSAEError(UserError, KeyError):
     """An SAE id that is not in the session (the server answers 404)."""
 
 
@@ -109,7 +110,7 @@ def dashboard_features(folder: Path) -> tuple[str | None, frozenset[int]]:
     """The site label and feature ids of a dashboard folder written by ``write_dashboards``."""
     meta = folder / "features.json"
     if not meta.exists():
-        raise ValueError(f"{folder} has no features.json: it is not a dashboard folder (write one with "
+        raise InputError(f"{folder} has no features.json: it is not a dashboard folder (write one with "
                          "`sae-lens-attn dashboard --sae DIR --out FOLDER`)")
     info = json.loads(meta.read_text())
     return info.get("site"), frozenset(int(f) for f in info.get("features", []))
@@ -125,7 +126,7 @@ class ExplorerSession:
         items = list(saes.items()) if isinstance(saes, Mapping) else [(None, s) for s in
                                                                        ([saes] if isinstance(saes, SAE) else saes)]
         if not items:
-            raise ValueError("the explorer needs at least one SAE: pass --sae DIR (repeat it for several layers)")
+            raise InputError("the explorer needs at least one SAE: pass --sae DIR (repeat it for several layers)")
         paths = list(paths) if paths is not None else [None] * len(items)
         self.saes: dict[str, LoadedSAE] = {}
         for (name, sae), path in zip(items, paths):
@@ -149,7 +150,7 @@ class ExplorerSession:
             if entry.site.label == label and entry.dashboard is None:
                 entry.dashboard, entry.dashboard_features = folder.resolve(), feats
                 return
-        raise ValueError(f"dashboard folder {folder} is for site {label!r}, but no SAE without a dashboard reads "
+        raise InputError(f"dashboard folder {folder} is for site {label!r}, but no SAE without a dashboard reads "
                          f"that site (loaded: {[e.site.label for e in self.saes.values()]})")
 
     # --- helpers ---------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class ExplorerSession:
 
     def check_feature(self, entry: LoadedSAE, feature: int) -> int:
         if not 0 <= int(feature) < entry.sae.cfg.d_sae:
-            raise ValueError(f"feature {feature} is outside {entry.id}'s features 0..{entry.sae.cfg.d_sae - 1}")
+            raise InputError(f"feature {feature} is outside {entry.id}'s features 0..{entry.sae.cfg.d_sae - 1}")
         return int(feature)
 
     def encoder(self, entry: LoadedSAE) -> HeadEncoder:
@@ -181,18 +182,18 @@ class ExplorerSession:
     def tokenize(self, text: str) -> list[int]:
         """``text`` by the project's tokenization policy; too long or empty prompts are refused."""
         if not isinstance(text, str):
-            raise ValueError("the prompt must be a string")
+            raise InputError("the prompt must be a string")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:  # a lone surrogate, which JSON can escape and no tokenizer encodes
-            raise ValueError(f"text: character {err.start} is a lone UTF-16 surrogate, not text; send valid "
+            raise InputError(f"text: character {err.start} is a lone UTF-16 surrogate, not text; send valid "
                              "Unicode") from None
         ids = self.spec.tokens.encode(self.model.tokenizer, text)
         n_ctx = int(self.model.cfg.n_ctx)
         if len(ids) > n_ctx:
-            raise ValueError(f"the prompt is {len(ids)} tokens; this model reads at most {n_ctx}: shorten it")
+            raise InputError(f"the prompt is {len(ids)} tokens; this model reads at most {n_ctx}: shorten it")
         if len(ids) <= self.spec.tokens.n_structural:
-            raise ValueError("the prompt has no text tokens: type some text")
+            raise InputError("the prompt has no text tokens: type some text")
         return ids
 
     @torch.no_grad()
@@ -235,7 +236,7 @@ class ExplorerSession:
     def analyze(self, text: str, top_k: int = 8) -> dict:
         """Every SAE's top ``top_k`` features on every token (see the module docstring)."""
         if not 1 <= int(top_k) <= MAX_TOP_K:
-            raise ValueError(f"top_k must be in 1..{MAX_TOP_K}, got {top_k}")
+            raise InputError(f"top_k must be in 1..{MAX_TOP_K}, got {top_k}")
         t0 = time.perf_counter()
         with self.lock:
             p = self.prompt(text)
@@ -311,13 +312,13 @@ class ExplorerSession:
         from sae_lens_attn.models import load_model
 
         if not sae_dirs:
-            raise ValueError("the explorer needs at least one SAE: pass --sae DIR (repeat it for several layers)")
+            raise InputError("the explorer needs at least one SAE: pass --sae DIR (repeat it for several layers)")
         saes = [SAE.load(d, device="cpu") for d in sae_dirs]
         names = {s.cfg.metadata.get("model_name") for s in saes} if model is None else {model}
         if len(names) != 1:
-            raise ValueError(f"the SAEs name different models {sorted(map(str, names))}: pass --model to choose one")
+            raise InputError(f"the SAEs name different models {sorted(map(str, names))}: pass --model to choose one")
         starts = {s.cfg.metadata.get("start_token") for s in saes} - {None}
         if len(starts) > 1:
-            raise ValueError(f"the SAEs were trained with different start tokens {sorted(starts)}: explore them separately")
+            raise InputError(f"the SAEs were trained with different start tokens {sorted(starts)}: explore them separately")
         loaded = load_model(names.pop(), device=device, start_token=starts.pop() if starts else None)
         return cls(loaded, saes, dashboards, paths=[str(d) for d in sae_dirs])

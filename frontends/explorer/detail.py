@@ -23,6 +23,7 @@ import torch
 from sae_lens_attn.analysis.dfa import dfa_by_source
 from sae_lens_attn.analysis.features import logit_effects
 from sae_lens_attn.analysis.rdfa import rdfa, rdfa_upstream_features, rdfa_upstream_heads, top_terms
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.spec import UnsupportedModelError
 
 
@@ -38,7 +39,7 @@ def feature_detail(session, text: str, sae_id: str, feature: int, pos: int, n_lo
     p = session.prompt(text)
     n_pos = p.tokens.shape[1]
     if not 0 <= int(pos) < n_pos:
-        raise ValueError(f"token position {pos} is outside the prompt (positions 0..{n_pos - 1})")
+        raise InputError(f"token position {pos} is outside the prompt (positions 0..{n_pos - 1})")
     pos = int(pos)
     ids = p.tokens[0].tolist()
     names = session.token_texts(ids)

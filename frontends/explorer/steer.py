@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.objective import kl_per_position
 from sae_lens_attn.spec import UnsupportedModelError
 from sae_lens_attn.steering import steer
@@ -46,12 +47,12 @@ def steer_prompt(session, text: str, sae_id: str, feature: int, coefficient: flo
             f"{spec.family} is an encoder: it has no next token to steer (steering shows the next-token "
             "distribution and a greedy continuation of a causal LM)")
     if not 0 <= int(n_tokens) <= MAX_NEW_TOKENS:
-        raise ValueError(f"n_tokens must be in 0..{MAX_NEW_TOKENS}, got {n_tokens}")
+        raise InputError(f"n_tokens must be in 0..{MAX_NEW_TOKENS}, got {n_tokens}")
     if not 1 <= int(top) <= 100:
-        raise ValueError(f"top must be in 1..100, got {top}")
+        raise InputError(f"top must be in 1..100, got {top}")
     coefficient = float(coefficient)
     if not abs(coefficient) <= MAX_COEFFICIENT:  # also NaN
-        raise ValueError(f"coefficient: must be a finite number in -{MAX_COEFFICIENT:g}..{MAX_COEFFICIENT:g}, got "
+        raise InputError(f"coefficient: must be a finite number in -{MAX_COEFFICIENT:g}..{MAX_COEFFICIENT:g}, got "
                          f"{coefficient:g}")
     e = session.entry(sae_id)
     f = session.check_feature(e, feature)
@@ -62,7 +63,7 @@ def steer_prompt(session, text: str, sae_id: str, feature: int, coefficient: flo
     with steer(model, e.sae, f, coefficient, site=e.site) as vec:
         steered_logits = model(tokens, return_type="logits")[0, -1].float()
         if not bool(torch.isfinite(steered_logits).all()):
-            raise ValueError(f"coefficient: {coefficient:g} drives the model's logits to inf/NaN; use a smaller "
+            raise InputError(f"coefficient: {coefficient:g} drives the model's logits to inf/NaN; use a smaller "
                              "coefficient")
         steered_cont = _continue(session, tokens, int(n_tokens))
     lp_clean, lp_steer = clean_logits.log_softmax(-1), steered_logits.log_softmax(-1)

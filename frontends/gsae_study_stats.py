@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import write_bytes, write_text
 
 #: (key in the results, label, scale, unit) in the table's order; the table shows value * scale in unit.
@@ -47,7 +48,7 @@ def t_quantile(p: float, df: int) -> float:
     P(|T| < t) for integer df in closed form (Abramowitz & Stegun 26.7.3-4), with theta = atan(t / sqrt(df)).
     """
     if df < 1 or not 0.5 < p < 1:
-        raise ValueError(f"t_quantile needs df >= 1 and 0.5 < p < 1, got df={df}, p={p}")
+        raise InputError(f"t_quantile needs df >= 1 and 0.5 < p < 1, got df={df}, p={p}")
 
     def two_sided(t: float) -> float:
         th = math.atan(t / math.sqrt(df))
@@ -87,7 +88,7 @@ def t_interval(diffs: list[float], level: float = 0.95) -> Interval:
     """Mean of ``diffs`` with its two-sided t-interval (df = n - 1); needs at least two values."""
     n = len(diffs)
     if n < 2:
-        raise ValueError(f"a t-interval needs at least 2 seeds, got {n}; run with --seeds 0,1,2")
+        raise InputError(f"a t-interval needs at least 2 seeds, got {n}; run with --seeds 0,1,2")
     mean = statistics.fmean(diffs)
     half = t_quantile(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half)

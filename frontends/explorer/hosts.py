@@ -20,6 +20,8 @@ import json
 import socket
 from collections.abc import Iterable
 
+from sae_lens_attn.errors import InputError, UserError
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -69,27 +71,31 @@ def network_warning(host: str, allowed: frozenset[str]) -> str | None:
             f"{names}; --allow-host NAME adds the name clients use. Use --host 127.0.0.1 to keep it on this machine")
 
 
-def _bind_error(host: str, port: int, err: OSError) -> OSError:
+class BindError(UserError, OSError):
+    """The explorer cannot listen on the ``--host``/``--port`` given; the message names the flag at fault."""
+
+
+def _bind_error(host: str, port: int, err: OSError) -> BindError:
     hosts = "use 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of this machine's addresses"
     if isinstance(err, socket.gaierror):
-        return OSError(f"cannot listen on --host {host!r}: the name does not resolve ({err.strerror}); {hosts}")
+        return BindError(f"cannot listen on --host {host!r}: the name does not resolve ({err.strerror}); {hosts}")
     if err.errno == errno.EADDRNOTAVAIL:
-        return OSError(f"cannot listen on --host {host!r}: it is not an address of this machine (EADDRNOTAVAIL); "
+        return BindError(f"cannot listen on --host {host!r}: it is not an address of this machine (EADDRNOTAVAIL); "
                        f"{hosts}")
     if err.errno == errno.EADDRINUSE:
-        return OSError(f"cannot listen on {host}:{port}: the port is in use (EADDRINUSE); choose another --port "
+        return BindError(f"cannot listen on {host}:{port}: the port is in use (EADDRINUSE); choose another --port "
                        "(0: any free one)")
     if err.errno == errno.EACCES:
-        return OSError(f"cannot listen on {host}:{port}: this user may not use port {port} (EACCES); choose a "
+        return BindError(f"cannot listen on {host}:{port}: this user may not use port {port} (EACCES); choose a "
                        "--port of 1024 or more (0: any free one)")
-    return OSError(f"cannot listen on {host}:{port} ({err.strerror or err}); check --host and --port")
+    return BindError(f"cannot listen on {host}:{port} ({err.strerror or err}); check --host and --port")
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening socket on ``host``:``port`` (port 0: a free one), so the URL is known before the server
     starts; an ``OSError`` whose one-line message names the flag at fault."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"--port must be an integer in 0..65535 (0: any free port), got {port!r}")
+        raise InputError(f"--port must be an integer in 0..65535 (0: any free port), got {port!r}")
     name = normalise_host(host) or "0.0.0.0"
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM,

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from sae_lens_attn.activations import harvest, splice
+from sae_lens_attn.analysis._common import residual_directions
 from sae_lens_attn.models import model_device, token_policy
 from sae_lens_attn.objective import kl_per_position, token_losses
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 from sae_lens_attn.spec import model_spec
-
-from ._common import residual_directions
 
 #: A latent firing in more than this share of the evaluation rows is stored without its row list: a
 #: bootstrap resample of R rows misses all of its m > R/4 rows with probability (1 - m/R)^R < 0.75^R

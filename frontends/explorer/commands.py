@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-ERRORS = (ValueError, FileNotFoundError, OSError, KeyError, ImportError)
+from sae_lens_attn.analysis.commands import HelpFormatter
 
 
-def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter) -> None:
+def add_parsers(sub) -> None:
     """Add ``explore`` to the ``sae-lens-attn`` subparsers."""
     p = sub.add_parser(
-        "explore", formatter_class=formatter_class,
+        "explore", formatter_class=HelpFormatter,
         help="a local web app: type a prompt, see every SAE's features per token, DFA, RDFA, logits, steering",
         description="Serve the attention-SAE explorer (FastAPI + uvicorn, everything local, works offline): the "
         "prompt is tokenized by the project's policy; each SAE shows its top features per token; a click on a "
@@ -34,8 +33,8 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter) -> N
     p.add_argument("--device", default=None, help="'cpu', 'cuda', ... (default: CUDA when available)")
 
 
-def run(args) -> int:
-    """Load and serve; errors a user can fix print one line and return 2."""
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """Load and serve (a UserError prints as one line in frontends.cli)."""
     sock = None
     try:
         from .server import bind, create_app, serve
@@ -46,10 +45,6 @@ def run(args) -> int:
         create_app(session)  # fail here, with the message, when FastAPI or uvicorn is missing
         serve(session, args.host, args.port, on_ready=lambda msg: print(msg, flush=True),
               allow_hosts=args.allow_host or (), sock=sock)
-    except ERRORS as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"sae-lens-attn: error: {msg}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         pass
     finally:

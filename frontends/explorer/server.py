@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from sae_lens_attn.errors import MissingExtraError, MissingFileError
+
 from .hosts import HostCheck, allowed_hosts, bind, network_warning
 from .session import MAX_TOP_K, ExplorerSession, UnknownSAEError
 
@@ -39,28 +41,21 @@ def plotly_js() -> Path:
 
     path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall plotly (pip install --force-reinstall plotly)")
+        raise MissingFileError(f"{path} is missing: reinstall plotly (pip install --force-reinstall plotly)")
     return path
 
 
-def _missing_extra(err: ImportError) -> ImportError:
-    return ImportError(f"the explorer needs FastAPI and uvicorn ({err.name} is not installed): "
-                       "pip install 'sae-lens-attn[explore]'")
+def _missing_extra(err: ImportError) -> MissingExtraError:
+    return MissingExtraError(f"the explorer needs FastAPI and uvicorn ({err.name} is not installed): "
+                             "pip install 'sae-lens-attn[explore]'")
 
 
-def create_app(session: ExplorerSession, hosts: frozenset[str] | None = None):
-    """The FastAPI application serving ``session``, answering the Host names ``hosts`` (default: loopback)."""
-    try:
-        from fastapi import FastAPI, Request
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import FileResponse, Response
-        from fastapi.staticfiles import StaticFiles
-        from pydantic import Field
+def _request_models() -> tuple:
+    """The request bodies (Analyze, Activations, Feature, Steer, QK): strict (true is not 1), bounded."""
+    from pydantic import Field
 
-        from .fields import Body as BaseModel  # every request model is strict: true is not 1
-        from .fields import Text, validation_detail
-    except ImportError as err:
-        raise _missing_extra(err) from err
+    from .fields import Body as BaseModel
+    from .fields import Text
     from .steer import MAX_COEFFICIENT
 
     class Analyze(BaseModel):
@@ -91,28 +86,45 @@ def create_app(session: ExplorerSession, hosts: frozenset[str] | None = None):
         contrast: int | None = Field(None, ge=0)
         n_pairs: int = Field(12, ge=1, le=100)
 
-    app = FastAPI(title="sae-lens-attn explorer", docs_url=None, redoc_url=None)
-    app.add_middleware(HostCheck, allowed=hosts if hosts is not None else allowed_hosts())
+    return Analyze, Activations, Feature, Steer, QK
 
-    def reply(obj: dict) -> Response:
-        # json.dumps directly: FastAPI's generic encoder walks every number in Python, several times slower
-        return Response(json.dumps(obj, allow_nan=False), media_type="application/json")
 
-    def error(detail, status: int) -> Response:  # ASCII JSON: encodes whatever text the request held
-        return Response(json.dumps({"detail": detail}), status_code=status, media_type="application/json")
+def _error(detail, status: int):  # ASCII JSON: encodes whatever text the request held
+    from fastapi.responses import Response
+
+    return Response(json.dumps({"detail": detail}), status_code=status, media_type="application/json")
+
+
+def _add_error_handlers(app) -> None:
+    """404 for an unknown SAE, 422 for a malformed field, 400 for a refused input."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+
+    from .fields import validation_detail
 
     @app.exception_handler(UnknownSAEError)
     async def not_found(request: Request, err: UnknownSAEError):
-        return error(str(err.args[0]) if err.args else "not found", 404)
+        return _error(str(err.args[0]) if err.args else "not found", 404)
 
     @app.exception_handler(RequestValidationError)
     async def bad_field(request: Request, err: RequestValidationError):
-        return error(validation_detail(err.errors()), 422)
+        return _error(validation_detail(err.errors()), 422)
 
     @app.exception_handler(ValueError)  # UnsupportedModelError is a ValueError: a refusal naming the family
     @app.exception_handler(FloatingPointError)  # an SAE whose outputs overflow on this prompt
     async def bad_input(request: Request, err: Exception):
-        return error(str(err), 400)
+        return _error(str(err), 400)
+
+
+def _add_api(app, session: ExplorerSession) -> None:
+    """The JSON API under /api: every route one call of the session."""
+    from fastapi.responses import Response
+
+    Analyze, Activations, Feature, Steer, QK = _request_models()
+
+    def reply(obj: dict) -> Response:
+        # json.dumps directly: FastAPI's generic encoder walks every number in Python, several times slower
+        return Response(json.dumps(obj, allow_nan=False), media_type="application/json")
 
     @app.get("/api/info")
     def info():
@@ -138,6 +150,12 @@ def create_app(session: ExplorerSession, hosts: frozenset[str] | None = None):
     def qk(req: QK):
         return reply(session.qk(req.text, req.layer, req.head, req.pos, req.source, req.contrast, req.n_pairs))
 
+
+def _add_pages(app, session: ExplorerSession) -> None:
+    """The page, its static files, plotly.js from the installed package, and each SAE's dashboards."""
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
     @app.get("/")
     def index():
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -150,6 +168,22 @@ def create_app(session: ExplorerSession, hosts: frozenset[str] | None = None):
     for e in session.saes.values():
         if e.dashboard is not None:
             app.mount(f"/dashboards/{e.id}", StaticFiles(directory=e.dashboard, html=True), name=f"dash-{e.id}")
+
+
+def create_app(session: ExplorerSession, hosts: frozenset[str] | None = None):
+    """The FastAPI application serving ``session``, answering the Host names ``hosts`` (default: loopback)."""
+    try:
+        import fastapi
+        import pydantic  # noqa: F401
+
+        from . import fields  # noqa: F401
+    except ImportError as err:
+        raise _missing_extra(err) from err
+    app = fastapi.FastAPI(title="sae-lens-attn explorer", docs_url=None, redoc_url=None)
+    app.add_middleware(HostCheck, allowed=hosts if hosts is not None else allowed_hosts())
+    _add_error_handlers(app)
+    _add_api(app, session)
+    _add_pages(app, session)
     return app
 
 

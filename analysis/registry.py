@@ -1,0 +1,66 @@
+"""Analyses on the command line: one function plus one registration gives ``sae-lens-attn NAME`` and its JSON.
+
+An analysis is a function of a :class:`Context` (the model, the SAE, the site it reads and the token rows,
+loaded from the common flags ``--sae``, ``--model``, ``--dataset``, ``--tokens``, ... of
+:mod:`.commands`) that yields :class:`Part`\\ s: text to print and a dict to merge into the report.
+:func:`register` makes it a subcommand with those flags, its own :class:`Option`\\ s and ``--out FILE``,
+which writes the merged report as JSON. ``analyze`` itself is one (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+
+class Context(NamedTuple):
+    """What every analysis on the command line starts from."""
+
+    model: Any
+    sae: Any
+    site: Any
+    rows: Any
+    """Token rows of ``--dataset`` (the sample text by default), about ``--tokens`` tokens."""
+    args: Any
+    """The parsed flags (the common ones, ``--seed`` included, and the analysis' own options)."""
+
+
+class Part(NamedTuple):
+    """One step's output: ``text`` is printed as it comes, ``data`` is merged into the JSON report."""
+
+    text: str
+    data: dict
+
+
+@dataclass(frozen=True)
+class Option:
+    """A flag of one analysis (``--name``, its type, default and help)."""
+
+    flag: str
+    type: Callable = int
+    default: Any = None
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A registered analysis: the subcommand ``name`` runs ``run`` on the loaded :class:`Context`."""
+
+    name: str
+    run: Callable[[Context], Iterable[Part]]
+    help: str = ""
+    options: tuple[Option, ...] = ()
+    description: str = ""
+
+
+#: Registered analyses by subcommand name, in registration order (the order of ``--help``).
+ANALYSES: dict[str, Analysis] = {}
+
+
+def register(analysis: Analysis) -> Analysis:
+    """Add ``analysis`` as a subcommand; a second analysis under a taken name is refused."""
+    if ANALYSES.get(analysis.name, analysis) is not analysis:
+        raise ValueError(f"an analysis named {analysis.name!r} is already registered")
+    ANALYSES[analysis.name] = analysis
+    return analysis
