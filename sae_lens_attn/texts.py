@@ -70,10 +70,6 @@ codecs.register_error("sae_lens_attn.count", _count_undecodable)
 # ----------------------------------------------------------------------------------------------- cutting
 
 
-def _is_space(ch: str) -> bool:
-    return ch.isspace()
-
-
 def cut_point(text: str, limit: int) -> int:
     """Where to end the first piece of ``text`` (``len(text) > limit``): the last index ``i <= limit`` with
     ``text[i]`` a space or newline between two non-space characters, searched back to ``limit // 2``; else
@@ -82,7 +78,7 @@ def cut_point(text: str, limit: int) -> int:
     for sep in ("\n", " "):
         i = text.rfind(sep, lo, limit + 1)
         while i > lo:
-            if i + 1 < len(text) and not _is_space(text[i - 1]) and not _is_space(text[i + 1]):
+            if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
                 return i
             i = text.rfind(sep, lo, i)
     return limit
@@ -235,6 +231,12 @@ def _looks_like_hub_id(s: str) -> bool:
     return s.count("/") == 1 and not s.startswith((".", "/"))
 
 
+def _is_local_path(source: str | os.PathLike) -> bool:
+    """Written as a local path (not a hub id): a missing one is an error, not a hub lookup."""
+    s = str(source)
+    return s.startswith((".", "/", "~")) or os.sep in s and not _looks_like_hub_id(s)
+
+
 def source_files(folder: Path) -> list[Path]:
     """A folder's text and jsonl files, in sorted order (the order documents are read in)."""
     files = sorted(f for f in folder.rglob("*") if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.suffix == ".jsonl"))
@@ -263,7 +265,7 @@ def iter_pieces(
         for f in source_files(p):
             yield from _local_file_pieces(f, text_field, encoding)
         return
-    if str(source).startswith((".", "/", "~")) or os.sep in str(source) and not _looks_like_hub_id(str(source)):
+    if _is_local_path(source):
         raise MissingFileError(f"dataset {source!r} does not exist")
     for text in _iter_hf(str(source), text_field, split, local=False):
         yield from document_pieces(text)
@@ -284,15 +286,16 @@ def iter_texts(
 def check_text_source(source: str | os.PathLike, encoding: str = "utf-8") -> None:
     """Before any work: every local text/jsonl file of ``source`` sniffed (:func:`check_text_file`), a
     missing path named. Hub ids and saved HF datasets are checked as they are read."""
+    from .shards import is_shard_folder  # token shards are checked against their manifest as they are read
+
     p = Path(source).expanduser()
     if p.is_file():
-        if p.suffix in TEXT_SUFFIXES + (".jsonl",) or p.suffix not in (".npy", ".pt", ".safetensors"):
+        if p.suffix not in (".npy", ".pt", ".safetensors"):  # token arrays are not text
             check_text_file(p, encoding)
-    elif p.is_dir() and not _is_hf_dataset_dir(p) and not (p / "tokens.json").exists():
+    elif p.is_dir() and not _is_hf_dataset_dir(p) and not is_shard_folder(p):
         for f in source_files(p):
             check_text_file(f, encoding)
-    elif not p.exists() and (str(source).startswith((".", "/", "~")) or os.sep in str(source)
-                             and not _looks_like_hub_id(str(source))):
+    elif not p.exists() and _is_local_path(source):
         raise MissingFileError(f"dataset {source!r} does not exist")
 
 
