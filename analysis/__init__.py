@@ -6,7 +6,9 @@ Modules: :mod:`.heads` (weight-based head attribution, head survey), :mod:`.dfa`
 head and source position), :mod:`.rdfa` (recursive DFA), :mod:`.qk` (why a head attends where it does: exact QK
 attribution to upstream parts and SAE features), :mod:`.features` (streamed feature statistics, logit effects),
 :mod:`.induction` (induction heads and features, prefix-length study), :mod:`.circuits` (splicing with the error
-term, ablation, noising, attribution), :mod:`.copying` and :mod:`.ioi` (tasks), :mod:`.dashboard` (HTML
+term, ablation, noising, attribution), :mod:`.copying` and :mod:`.ioi` (tasks), :mod:`.patching` (per-head activation and path patching),
+:mod:`.ioi_heads` (per-head IOI scores: direct logit attribution, attention), :mod:`.feature_circuit` (do an SAE's
+features carry a circuit's signal: top vs random features, attribution vs patching), :mod:`.dashboard` (HTML
 pages; figures, index and the default feature choice in :mod:`.dashboard_figures`, :mod:`.dashboard_index`,
 :mod:`.dashboard_select`).
 """
@@ -24,6 +26,7 @@ from .circuits import (
 from .copying import CopyDataset, copy_logit_diff, repeated_name_prompts, spearman
 from .dashboard import DashboardConfig, default_features, feature_page, write_dashboards
 from .dfa import DFAResult, SourceDFA, dfa, dfa_by_source, head_fractions
+from .feature_circuit import FeatureCircuitCheck, feature_circuit_check
 from .features import (
     Example,
     FeatureStats,
@@ -46,10 +49,21 @@ from .induction import (
     repeated_tokens,
 )
 from .ioi import IOIDataset, corrupt_ioi, logit_diff, make_ioi, single_token_names
+from .ioi_heads import IOIHeadScores, ioi_head_scores
+from .patching import HeadPatching, PathPatching, head_patching, path_patching, top_heads
 from .qk import QKAttribution, qk_attribution
 from .rdfa import RDFAStep, rdfa, rdfa_upstream_features, rdfa_upstream_heads, residual_components, top_terms
 
 __all__ = [
+    "FeatureCircuitCheck",
+    "HeadPatching",
+    "IOIHeadScores",
+    "PathPatching",
+    "feature_circuit_check",
+    "head_patching",
+    "ioi_head_scores",
+    "path_patching",
+    "top_heads",
     "spearman",
     "repeated_name_prompts",
     "edit_rows",

@@ -80,12 +80,26 @@ class StudyConfig:
     dataset: str | None = None
     """Training text (file or folder; see :func:`~sae_lens_attn.data.token_rows`) instead of the rest of the
     sample: about ``tokens`` distinct tokens, one epoch. The evaluation rows stay the sample's held-out rows,
-    so the dataset must not contain the sample's plays."""
+    so the dataset must not contain the sample's plays (unless ``eval_from_dataset``)."""
+    eval_from_dataset: bool | None = None
+    """Hold the evaluation rows out of ``dataset`` (a seed-0 shuffle of its rows, the first ``eval_rows``; as
+    ``train`` does) instead of the sample's: for a model other than the embedded one, whose evaluation text
+    should be the training distribution. None/False: the sample's held-out rows."""
+    harvest_tokens: int | None = None
+    """With ``eval_from_dataset``: distinct training tokens harvested (model pass with gradients, the costly
+    part); the budget ``tokens`` is reached by further epochs over them, each in a fresh order. None: as many as
+    the budget."""
+    layers: list[int] | None = None
+    """Layers whose hook_z the SAEs are trained on; None: every layer."""
+    start_token: str | None = None
+    """The model's start-token rule (``load_model(start_token=)``); None: the tokenizer's own."""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "expansion", "context_size", "eval_rows"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.eval_from_dataset and not self.dataset:
+            raise InputError("eval_from_dataset needs a dataset to hold the evaluation rows out of; pass --dataset")
         if self.steer.rows > self.eval_rows:
             raise InputError(f"steer rows ({self.steer.rows}) exceed eval_rows ({self.eval_rows}); lower --steer-rows")
 
@@ -148,6 +162,8 @@ def _grid(ks: list[int], seeds: list[int], betas: list[float]) -> list[tuple[int
 def _study_rows(cfg: StudyConfig, model) -> tuple[torch.Tensor, torch.Tensor]:
     """(evaluation rows, training rows): a seed-0 shuffle of the sample's rows, the first ``eval_rows`` held
     out; the training rows come from ``cfg.dataset`` instead when it is given."""
+    if cfg.eval_from_dataset:
+        return _dataset_rows(cfg, model)
     rows = token_rows(SAMPLE_TEXT, model.tokenizer, cfg.context_size, token_policy(model))
     rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))]
     if rows.shape[0] <= cfg.eval_rows:
@@ -158,6 +174,18 @@ def _study_rows(cfg: StudyConfig, model) -> tuple[torch.Tensor, torch.Tensor]:
         train_r = token_rows(cfg.dataset, model.tokenizer, cfg.context_size, token_policy(model),
                              max_rows=math.ceil(cfg.steps * cfg.batch_size / per_row))
     return eval_r, train_r
+
+
+def _dataset_rows(cfg: StudyConfig, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(evaluation rows, training rows) from ``cfg.dataset`` alone: enough rows for the budget plus the held-out
+    rows, shuffled by row with seed 0, the first ``eval_rows`` held out."""
+    per_row = cfg.context_size - token_policy(model).n_structural
+    need = cfg.eval_rows + math.ceil((cfg.harvest_tokens or cfg.steps * cfg.batch_size) / per_row)
+    rows = token_rows(cfg.dataset, model.tokenizer, cfg.context_size, token_policy(model), max_rows=need)
+    if rows.shape[0] <= cfg.eval_rows:
+        raise InputError(f"{cfg.dataset} gives {rows.shape[0]} rows, not more than eval_rows={cfg.eval_rows}")
+    rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))]
+    return rows[: cfg.eval_rows], rows[cfg.eval_rows :]
 
 
 def _train_saes(cfg: StudyConfig, model, sites: list[Site], data, seed: int, k: int, rule: str,
@@ -205,12 +233,12 @@ def _print_progress(records: list[dict], i: int, todo: list, spent: dict[str, li
 
 
 def run_study(cfg: StudyConfig, ks: list[int], seeds: list[int], betas: list[float], out: Path) -> Store:
-    model = load_model(cfg.model, device="cpu")
+    model = load_model(cfg.model, device="cpu", start_token=cfg.start_token)
     if model_spec(model).kind != "causal":
         raise UnsupportedModelError(
             f"the g-SAE study needs a causal LM (next-token loss, its gradient and CE recovered); {cfg.model} is "
             "an encoder: train and evaluate g-SAEs on it with sae-lens-attn train --sae gsae (masked-token loss) instead")
-    sites = [Site(layer) for layer in range(model.cfg.n_layers)]
+    sites = [Site(layer) for layer in (cfg.layers if cfg.layers is not None else range(model.cfg.n_layers))]
     eval_r, train_r = _study_rows(cfg, model)
     store = Store(out, dataclasses.asdict(cfg))
     grid = _grid(ks, seeds, betas)
@@ -287,6 +315,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-only", action="store_true", help="only rebuild paired.json, table.md and the figure")
     p.add_argument("--dataset", default=None, help="training text (file or folder) instead of the rest of the "
                    "shipped sample, one epoch of distinct tokens; evaluation stays on the sample's held-out rows")
+    p.add_argument("--eval-from-dataset", action="store_true", help="hold the evaluation rows out of --dataset "
+                   "(as train does) instead of the shipped sample: for a model other than the embedded one")
+    p.add_argument("--harvest-tokens", type=int, default=None, help="with --eval-from-dataset: distinct training "
+                   "tokens to harvest; --tokens is reached by further epochs over them (default: --tokens)")
+    p.add_argument("--layers", default=None, help="layers to train at, e.g. '12' or '8,12' (default: every layer)")
+    p.add_argument("--start-token", default=None, help="the model's start-token rule, e.g. '<|endoftext|>'")
     p.add_argument("--out", default="benchmarks/gsae_study")
     a = p.parse_args(argv)
     threads = a.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
@@ -296,7 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     if not a.report_only:
         cfg = StudyConfig(model=a.model, tokens=a.tokens, batch_size=a.batch_size, expansion=a.expansion,
                           context_size=a.context_size, eval_rows=a.eval_rows,
-                          steer=SteerConfig(rows=a.steer_rows, n_latents=a.steer_latents), dataset=a.dataset)
+                          steer=SteerConfig(rows=a.steer_rows, n_latents=a.steer_latents), dataset=a.dataset,
+                          eval_from_dataset=a.eval_from_dataset or None, start_token=a.start_token,
+                          harvest_tokens=a.harvest_tokens,
+                          layers=_ints(a.layers) if a.layers else None)
         t0 = time.time()
         run_study(cfg, _ints(a.ks), _ints(a.seeds), [float(b) for b in a.betas.split(",") if b], out)
         print(f"study done in {time.time() - t0:.0f}s on {torch.get_num_threads()} thread(s)", flush=True)

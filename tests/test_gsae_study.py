@@ -174,3 +174,24 @@ def test_paired_bootstrap_resamples_both_rules_alike():
     assert entries["kl_spliced"]["boot95"] == pytest.approx([0.01, 0.01])
     assert entries["fvu"]["boot95"] == pytest.approx([0.0, 0.0], abs=1e-12)
     assert "boot95" not in entries["dead_fraction"]  # biased under resampling: not bootstrapped
+
+
+def test_eval_rows_held_out_of_the_dataset_for_another_model(tiny_neox, tmp_path):
+    """``eval_from_dataset``: a seed-0 row shuffle of the dataset's rows, the first ``eval_rows`` held out, the
+    rest trained on; disjoint, and together every row read."""
+    from sae_lens_attn.data import token_rows
+    from sae_lens_attn.frontends.gsae_study import StudyConfig, _study_rows
+    from sae_lens_attn.models import token_policy
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 97} and more{i % 13}." for i in range(3000)))
+    cfg = StudyConfig(tokens=512, batch_size=128, context_size=32, eval_rows=8, dataset=str(text), steer=SteerConfig(rows=4),
+                      eval_from_dataset=True, layers=[1])
+    eval_r, train_r = _study_rows(cfg, tiny_neox)
+    every = token_rows(str(text), tiny_neox.tokenizer, 32, token_policy(tiny_neox))
+    read = every[: eval_r.shape[0] + train_r.shape[0]]
+    want = read[torch.randperm(read.shape[0], generator=torch.Generator().manual_seed(0))]
+    assert eval_r.shape[0] == 8 and torch.equal(eval_r, want[:8]) and torch.equal(train_r, want[8:])
+    assert train_r.shape[0] * 31 >= 512  # enough kept tokens for the budget (one structural token per row)
+    with pytest.raises(ValueError, match="needs a dataset"):
+        StudyConfig(eval_from_dataset=True)
