@@ -104,7 +104,14 @@ where = {"IO": d24.positions["IO"], "S1": d24.positions["S1"], "S1+1": d24.posit
 at = {name: float(head_patching(model, d24.tokens, c24.tokens, metric24, positions=pos, layers=[L2]).effect[L2, H2])
       for name, pos in where.items()}
 print(f"L{L2}H{H2}: {float(eff['all'][L2, H2]):+.3f} of the gap at every position; at one position: "
-      + ", ".join(f"{k} {v:+.3f}" for k, v in at.items()))"""),
+      + ", ".join(f"{k} {v:+.3f}" for k, v in at.items()))
+with torch.no_grad():
+    _, cache = model.run_with_cache(d24.tokens, names_filter=lambda n: n == f"blocks.{L2}.attn.hook_pattern")
+pat = cache[f"blocks.{L2}.attn.hook_pattern"][:, H2]
+rows = torch.arange(len(d24))
+s1 = d24.positions["S1"]
+print(f"L{L2}H{H2} from the token after S1: to S1 (the previous token) {float(pat[rows, s1 + 1, s1].mean()):.2f}, "
+      f"to itself {float(pat[rows, s1 + 1, s1 + 1].mean()):.2f}, to the first token {float(pat[rows, s1 + 1, 0].mean()):.2f}")"""),
     MD("""## The SAEs
 
 Evaluation at the end of training on 64 held-out rows of the Python docs (128 tokens each): L0, FVU, CE loss
@@ -149,10 +156,11 @@ for layer, r in strong.items():
     assert r.random_share < r.top_share / 3, (layer, r.random_share, r.top_share)
     assert r.spearman >= 0.5, (layer, r.spearman)
 print("features removes the gap at layers", sorted(strong))"""),
-    MD("""### What the name movers write, and where they read it
+    MD("""### What the last layer of the circuit writes, and where it reads it
 
-The name-mover layer's top feature: its DFA by head and source at the last token (which head computes it and
-from which position: IO, S1 or S2), and its direct effect on the logits."""),
+The top feature of the name-mover layer's ranking: the head that computes it and where that head reads it
+from at the last token (IO, S1 or S2), and its direct effect on the logits (the tokens it raises and lowers
+most)."""),
     CODE("""from sae_lens_attn.analysis import dfa_by_source, logit_effects
 
 movers = by_role["name mover"]
@@ -160,7 +168,7 @@ nm_layer = max((layer for layer, _ in movers if layer in saes), default=None)
 assert nm_layer is not None, "no SAE at a name-mover layer"
 where, r = checks[nm_layer]
 f = int(r.ranked[0])
-rows_on = [i for i in range(len(data)) if r.top[i].eq(f).any()][:16]
+rows_on = [i for i in range(len(data)) if r.top[i].eq(f).any()][:16] or list(range(16))
 src = dfa_by_source(model, saes[nm_layer], data.tokens[rows_on], [f])
 idx = torch.arange(len(rows_on))
 ends = data.positions["end"][rows_on]
@@ -169,35 +177,45 @@ h = int(by_head.argmax())
 share = {name: float(src.by_source[idx, ends, h, data.positions[name][rows_on], 0].sum() / src.by_head[idx, ends, h, 0].sum())
          for name in ("IO", "S1", "S2")}
 eff = logit_effects(model, saes[nm_layer], [f], k=8)
-top_tokens = [model.tokenizer.decode([int(t)]) for t in eff.top_tokens[0]]
-print(f"L{nm_layer} feature {f} (top of the attribution ranking; active among the top 10 of {len(rows_on)} prompts):")
+dec = model.tokenizer.decode
+print(f"L{nm_layer} feature {f} (top of the attribution ranking; among the top 10 of {len(rows_on)} prompts):")
 print(f"  {by_head[h] / by_head.sum():.0%} of its positive DFA at the last token comes through L{nm_layer}H{h}; "
       f"that head's DFA from IO {share['IO']:.0%}, S1 {share['S1']:.0%}, S2 {share['S2']:.0%}")
-print("  raises the logits of:", top_tokens)"""),
-    MD("""### Why the name mover attends to the indirect object
+print("  raises the logits of:", [dec([int(t)]) for t in eff.top_tokens[0]])
+print("  lowers the logits of:", [dec([int(t)]) for t in eff.bottom_tokens[0]])"""),
+    MD("""### Why the heads attend where they do
 
-QK attribution (`qk_attribution`) splits the name mover's pre-softmax score from the last token to IO into
-query-side and key-side terms, contrasted against S2: which upstream parts raise IO over S. With the SAEs of
-the S-inhibition layers on the query side, the query-side terms are their features."""),
+QK attribution (`qk_attribution`) splits a head's pre-softmax score from the last token to one position into
+query-side and key-side terms, contrasted against another position: which upstream parts raise one over the
+other. For the name mover: IO over S2; for the largest head of the last-token effect (`L`, `H` above): the
+position it attends to, S2, over IO. With the S-inhibition layers' SAEs on the query side, the query-side
+terms include their features."""),
     CODE("""from sae_lens_attn.analysis import qk_attribution
 
-inhib = sorted({layer for layer, _ in by_role.get("S-inhibition", []) if layer in saes and layer < nm_layer})
+inhib = sorted({layer for layer, _ in by_role.get("S-inhibition", []) if layer in saes})
 up = [saes[layer] for layer in inhib]
-q_lead, q_share = [], []
-for i in rows_on[:8]:
-    t, s, s2 = int(data.positions["end"][i]), int(data.positions["IO"][i]), int(data.positions["S2"][i])
-    qk = qk_attribution(model, data.tokens[i : i + 1, : t + 1], nm_layer, h, t, s, saes=[up] if up else (),
-                        contrast_pos=s2)
-    view = qk.features[0] if up else qk
-    shares = view.contrast.shares("query")  # each query term's part of score(IO) - score(S2); they sum to 1
-    name = max(shares, key=shares.get)
-    q_lead.append(name)
-    q_share.append(shares[name])
-print(f"L{nm_layer}H{h}, {len(q_lead)} prompts, query side of score(IO) - score(S2)"
-      + (f" with the SAEs of layers {inhib}" if up else "") + ":")
-for name in sorted(set(q_lead), key=q_lead.count, reverse=True):
-    print(f"  {name}: the largest term in {q_lead.count(name)} prompts")
-print(f"  (on average {sum(q_share) / len(q_share):.0%} of the difference)")"""),
+
+
+def why(layer, head, key, other, prompts):
+    lead, part = [], []
+    for i in prompts:
+        t = int(data.positions["end"][i])
+        qk = qk_attribution(model, data.tokens[i : i + 1, : t + 1], layer, head, t, int(data.positions[key][i]),
+                            saes=[up] if up and max(inhib) < layer else (), contrast_pos=int(data.positions[other][i]))
+        view = qk.features[0] if qk.features else qk
+        shares = view.contrast.shares("query")  # each query term's part of score(key) - score(other); sum 1
+        name = max(shares, key=shares.get)
+        lead.append(name)
+        part.append(shares[name])
+    print(f"L{layer}H{head}, score({key}) - score({other}) on {len(prompts)} prompts, largest query-side term:")
+    for name in sorted(set(lead), key=lead.count, reverse=True):
+        print(f"  {name} in {lead.count(name)} prompts")
+    print(f"  (on average {sum(part) / len(part):.0%} of the difference)")
+
+
+nm_head = next(hh for layer, hh in movers if layer == nm_layer)
+why(nm_layer, nm_head, "IO", "S2", list(range(8)))
+why(L, H, "S2", "IO", list(range(8)))"""),
     MD("""### What the S-inhibition heads read
 
 For the top feature of each S-inhibition layer: the head that computes it and where that head reads it from (S2
