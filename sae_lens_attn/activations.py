@@ -90,55 +90,83 @@ def harvest(
         raise UnsupportedModelError(f"gradients of the model's loss are refused: {spec.lm_refusal}")
     tokens = tokens.to(model_device(model))
     hook_of = {s: spec.capture_hook(s) for s in sites}
-    hook_names = sorted(set(hook_of.values()))
-    raw: dict[str, torch.Tensor] = {}
-    deltas: dict[str, torch.Tensor] = {}
-    wanted = set(hook_names)
-
-    def capture(tensor: torch.Tensor, hook, name: str) -> torch.Tensor | None:
-        # ``hook.name`` may be the canonical name of an alias (hook_z is o.hook_in in the bridge): key by ours.
+    capture = _Capture(sorted(set(hook_of.values())), with_grad)
+    with model.hooks(fwd_hooks=capture.hooks()):
         if with_grad:
+            grads_raw = _loss_gradients(model, tokens, spec, capture.deltas)
+        else:
+            _forward_until_captured(model, tokens, sites)
+    capture.check_fired()
+    acts = _site_vectors(sites, hook_of, capture.raw, "activations")
+    grads = None
+    if with_grad:
+        grads = _site_vectors(sites, hook_of, {n: g.detach() for n, g in grads_raw.items()}, "gradients")
+    mask = spec.tokens.keep(tokens) if drop_bos else torch.ones_like(tokens, dtype=torch.bool)
+    return Harvest(acts, grads, mask)
+
+
+class _Capture:
+    """The capture hooks of one harvest: each hook's activation (``raw``) and, with ``with_grad``, the zero
+    ``delta`` added at it (``deltas``), keyed by our hook name."""
+
+    def __init__(self, hook_names: list[str], with_grad: bool):
+        self.hook_names, self.with_grad = hook_names, with_grad
+        self.raw: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
+        self.wanted = set(hook_names)
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        return [(name, functools.partial(self.capture, name=name)) for name in self.hook_names]
+
+    def capture(self, tensor: torch.Tensor, hook, name: str) -> torch.Tensor | None:
+        # ``hook.name`` may be the canonical name of an alias (hook_z is o.hook_in in the bridge): key by ours.
+        if self.with_grad:
             # A zero "delta" added at the site: dL/d(delta) = dL/d(activation), and the graph is kept whole,
             # so the gradient at an early site still flows through later sites.
             delta = torch.zeros_like(tensor, requires_grad=True)
-            deltas[name] = delta
-            raw[name] = tensor.detach()
+            self.deltas[name] = delta
+            self.raw[name] = tensor.detach()
             return tensor + delta
-        raw[name] = tensor.detach()
-        if wanted.issubset(raw):
+        self.raw[name] = tensor.detach()
+        if self.wanted.issubset(self.raw):
             # Everything is captured. TransformerBridge's ``stop_at_layer`` still runs the whole last layer
             # and, at the model's last layer, the unembedding ([tokens, d_model] x [d_model, vocab], a third
             # of a GPT-2-small pass); ending the pass here skips all of it.
             raise _StopForward
         return None
 
-    fwd = [(name, functools.partial(capture, name=name)) for name in hook_names]
-    with model.hooks(fwd_hooks=fwd):
-        if with_grad:
-            inp = loss_input(tokens, spec)
-            with torch.enable_grad():
-                logits = model(inp.tokens, return_type="logits")
-                loss = token_losses(logits, inp.targets, dtype=logits.dtype).sum()
-                grads_raw = dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values())), strict=True))
-        else:
-            with torch.inference_mode():
-                try:
-                    model(tokens, return_type=None, stop_at_layer=max(s.layer for s in sites) + 1)
-                except _StopForward:
-                    pass
-    missing = [n for n in hook_names if n not in raw]
-    if missing:
-        raise RuntimeError(f"hooks {missing} did not fire; the model's forward pass skipped them")
-    acts = {s: s.flatten(raw[hook_of[s]]).clone() for s in sites}
-    for s, a in acts.items():
-        _check_finite(s, a)
-    grads = None
-    if with_grad:
-        grads = {s: s.flatten(grads_raw[hook_of[s]].detach()).clone() for s in sites}
-        for s, g in grads.items():
-            _check_finite(s, g, "gradients")
-    mask = spec.tokens.keep(tokens) if drop_bos else torch.ones_like(tokens, dtype=torch.bool)
-    return Harvest(acts, grads, mask)
+    def check_fired(self) -> None:
+        missing = [n for n in self.hook_names if n not in self.raw]
+        if missing:
+            raise RuntimeError(f"hooks {missing} did not fire; the model's forward pass skipped them")
+
+
+def _loss_gradients(model, tokens: torch.Tensor, spec, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full forward pass for the model kind's loss (summed), and its gradient at each capture hook's delta."""
+    inp = loss_input(tokens, spec)
+    with torch.enable_grad():
+        logits = model(inp.tokens, return_type="logits")
+        loss = token_losses(logits, inp.targets, dtype=logits.dtype).sum()
+        return dict(zip(deltas, torch.autograd.grad(loss, list(deltas.values())), strict=True))
+
+
+def _forward_until_captured(model, tokens: torch.Tensor, sites: Sequence[Site]) -> None:
+    """A gradient-free forward pass that ends once the last capture hook has fired."""
+    with torch.inference_mode():
+        try:
+            model(tokens, return_type=None, stop_at_layer=max(s.layer for s in sites) + 1)
+        except _StopForward:
+            pass
+
+
+def _site_vectors(
+    sites: Sequence[Site], hook_of: dict[Site, str], tensors: dict[str, torch.Tensor], what: str
+) -> dict[Site, torch.Tensor]:
+    """Each site's own copy of its hook's tensor, heads flattened, refused when not finite."""
+    out = {s: s.flatten(tensors[hook_of[s]]).clone() for s in sites}
+    for s, t in out.items():
+        _check_finite(s, t, what)
+    return out
 
 
 def activation_batches(

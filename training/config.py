@@ -135,6 +135,14 @@ class TrainConfig(OptimSettings, TrainInputs):
 
     def __post_init__(self) -> None:
         _check_types(self)
+        self._check_sizes()
+        self._check_rates()
+        self._check_site()
+        self._check_run_settings()
+        self._check_strings()
+
+    def _check_sizes(self) -> None:
+        """Widths, counts and lengths: positive integers (``d_sae`` and ``auxk_k`` may be empty)."""
         positive = ("k", "expansion_factor", "tokens", "batch_size", "context_size", "model_batch_rows", "dead_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -145,6 +153,9 @@ class TrainConfig(OptimSettings, TrainInputs):
                 raise InputError(f"TrainConfig.{name} must be a positive integer or empty, got {value!r}")
         if self.d_sae is not None and self.k > self.d_sae:
             raise InputError(f"TrainConfig.k ({self.k}) must not exceed d_sae ({self.d_sae})")
+
+    def _check_rates(self) -> None:
+        """The learning rate, its decay share and the loss weights: finite, in range."""
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.decay_fraction) and 0 <= self.decay_fraction <= 1):
@@ -153,10 +164,16 @@ class TrainConfig(OptimSettings, TrainInputs):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InputError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+
+    def _check_site(self) -> None:
+        """A head only on hook_z, and never negative."""
         if self.head is not None and self.site != "z":
             raise InputError("TrainConfig.head needs site 'z' (hook_attn_out has no head axis)")
         if self.head is not None and self.head < 0:
             raise InputError(f"TrainConfig.head must be >= 0, got {self.head!r}")
+
+    def _check_run_settings(self) -> None:
+        """Cadences, the context, the seed, the layers, and resume against overwrite."""
         for name in ("warmup_steps", "checkpoint_every", "eval_rows"):
             if getattr(self, name) < 0:
                 raise InputError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -173,6 +190,9 @@ class TrainConfig(OptimSettings, TrainInputs):
         if self.resume and self.overwrite:
             raise InputError("TrainConfig.resume and TrainConfig.overwrite exclude each other: resume continues the "
                              "run in out_dir, overwrite deletes it; pass one of them")
+
+    def _check_strings(self) -> None:
+        """The encoding is known, no name is blank, the device is a torch device."""
         try:
             codecs.lookup(self.encoding)
         except LookupError:

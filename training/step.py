@@ -26,7 +26,7 @@ import torch
 from sae_lens_attn.activations import NonFiniteActivationError, SiteBatch
 from sae_lens_attn.errors import UserError
 from sae_lens_attn.kernels import keep_freed_host_memory, sparse_decode, topk_indices
-from sae_lens_attn.sae import SAE
+from sae_lens_attn.sae import SAE, SparseCode
 
 from .config import OptimSettings
 from .distributed import Dist
@@ -152,29 +152,12 @@ class SiteState:
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
     def step(self, batch: SiteBatch, step: int) -> StepStats:
-        sae, dist = self.sae, self.dist
+        """One optimizer step on this rank's share of the global batch; the statistics are the global
+        batch's. The collectives, in order: (1) batch size and sum of x, (2) variance of x and sum of the
+        AuxK residual, (3) the residual's variance and a divergence flag, (4) firing counts and statistics."""
+        sae = self.sae
         x = batch.acts.to(sae.W_enc.device, sae.W_enc.dtype)
-        f64 = torch.float64
-        # (1) global batch size and sum of x: one reduction. A NaN or inf anywhere makes its column's sum
-        # non-finite on every rank (f64 sums of fp32 values cannot overflow), so the [batch, d_in] finiteness
-        # mask is only built to count the bad values once there are some.
-        count = torch.tensor([x.shape[0]], dtype=f64, device=x.device)
-        s1 = dist.all_reduce(torch.cat([x.sum(0, dtype=f64), count]))
-        n_f, any_bad = torch.stack([s1[-1], (~torch.isfinite(s1[:-1])).any().to(f64)]).tolist()
-        n = int(n_f)
-        if any_bad:
-            bad = int(dist.all_reduce((~torch.isfinite(x)).sum().to(f64).reshape(1)).item())
-            where = "" if dist.world_size == 1 else f" (summed over {dist.world_size} ranks)"
-            if not bad:
-                raise NonFiniteActivationError(
-                    f"training batch at step {step}: no NaN/inf, but its column sums overflow float64{where}; "
-                    "the activations are near their dtype's limit: rescale them before training"
-                )
-            raise NonFiniteActivationError(
-                f"NaN/inf in a training batch at step {step}: {bad} non-finite value(s){where}; the model "
-                "produced non-finite activations (try --dtype float32) or the activation data is corrupted"
-            )
-        mean = s1[:-1] / n
+        n, mean = self._global_mean(x, step)
         if not self.initialised:
             self.initialise(x, mean)
         for group in self.opt.param_groups:
@@ -184,12 +167,53 @@ class SiteState:
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         use_aux = bool(n_dead) and self.cfg.auxk_alpha > 0
+        loss, fvu, auxk = self._objective(x, mean, n, code, err, dead if use_aux else None, n_dead, step)
+        self._update(loss)
+        n_active, fvu_g, auxk_g = self._record_firing(code, n, fvu, auxk)
+        loss_g = fvu_g + (self.cfg.auxk_alpha * auxk_g if use_aux else 0.0)
+        return StepStats(loss_g, fvu_g, auxk_g, n_active / n, n_dead / sae.cfg.d_sae)
+
+    def _global_mean(self, x: torch.Tensor, step: int) -> tuple[int, torch.Tensor]:
+        """(1) The global batch size and mean of x: one reduction. A NaN or inf anywhere makes its column's
+        sum non-finite on every rank (f64 sums of fp32 values cannot overflow), so the [batch, d_in]
+        finiteness mask is only built to count the bad values once there are some."""
+        f64 = torch.float64
+        count = torch.tensor([x.shape[0]], dtype=f64, device=x.device)
+        s1 = self.dist.all_reduce(torch.cat([x.sum(0, dtype=f64), count]))
+        n_f, any_bad = torch.stack([s1[-1], (~torch.isfinite(s1[:-1])).any().to(f64)]).tolist()
+        n = int(n_f)
+        if any_bad:
+            self._refuse_non_finite(x, step)
+        return n, s1[:-1] / n
+
+    def _refuse_non_finite(self, x: torch.Tensor, step: int) -> None:
+        """Raise for a batch whose column sums are not finite, counting its NaN/inf values over all ranks."""
+        dist = self.dist
+        bad = int(dist.all_reduce((~torch.isfinite(x)).sum().to(torch.float64).reshape(1)).item())
+        where = "" if dist.world_size == 1 else f" (summed over {dist.world_size} ranks)"
+        if not bad:
+            raise NonFiniteActivationError(
+                f"training batch at step {step}: no NaN/inf, but its column sums overflow float64{where}; "
+                "the activations are near their dtype's limit: rescale them before training"
+            )
+        raise NonFiniteActivationError(
+            f"NaN/inf in a training batch at step {step}: {bad} non-finite value(s){where}; the model "
+            "produced non-finite activations (try --dtype float32) or the activation data is corrupted"
+        )
+
+    def _objective(
+        self, x: torch.Tensor, mean: torch.Tensor, n: int, code: SparseCode, err: torch.Tensor, dead: torch.Tensor | None,
+        n_dead: int, step: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss (FVU, plus ``auxk_alpha`` times AuxK when ``dead`` is given), its FVU and its AuxK
+        term; raises :class:`DivergedError` on every rank when any rank's loss is non-finite."""
+        f64, use_aux = torch.float64, dead is not None
         e = err.detach()
         # (2) total variance of x and (for AuxK) the sum of the residual. Squares summed in x's dtype by
         # torch's cascade sum (relative error ~1e-9 at 3M fp32 values; linalg.vector_norm's is ~1e-4), in one
         # reused temporary instead of f64 copies.
         var_x = (x - mean.to(x.dtype)).square_().sum().to(f64).reshape(1)
-        s2 = dist.all_reduce(torch.cat([var_x, e.sum(0, dtype=f64)]) if use_aux else var_x)
+        s2 = self.dist.all_reduce(torch.cat([var_x, e.sum(0, dtype=f64)]) if use_aux else var_x)
         total_var = s2[0].clamp_min(1e-12).to(x.dtype)
         sq_err = err.pow(2).sum()
         fvu = sq_err / total_var
@@ -203,32 +227,39 @@ class SiteState:
             aux_num = (e - e_hat).pow(2).sum()
         # (3) the residual's variance, and whether any rank's loss is non-finite (all ranks stop together).
         local_bad = (~torch.isfinite(sq_err.detach()) | ~torch.isfinite(aux_num.detach())).to(f64).reshape(1)
-        s3 = dist.all_reduce(torch.cat([aux_var, local_bad]))
+        s3 = self.dist.all_reduce(torch.cat([aux_var, local_bad]))
         if use_aux:
             auxk = aux_num / s3[0].clamp_min(1e-12).to(x.dtype)
             loss = loss + self.cfg.auxk_alpha * auxk
         if s3[1].item() > 0:
             raise DivergedError(f"the loss became non-finite at step {step}; lower the learning rate")
+        return loss, fvu, auxk
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward, the gradients summed over ranks, the decoder-parallel part removed, the Adam step, and
+        the decoder rows put back on the unit sphere."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self._reduce_grads()
-        sae.remove_parallel_decoder_grad()
+        self.sae.remove_parallel_decoder_grad()
         self.opt.step()
-        sae.normalize_decoder()
-        with torch.no_grad():
-            # (4) firing counts (they decide which latents are dead, so every rank must agree) and stats.
-            active = code.values > 0
-            counts = torch.bincount(code.indices[active], minlength=sae.cfg.d_sae).to(f64)
-            tail = torch.stack([active.sum().to(f64), fvu.detach().to(f64), auxk.detach().to(f64)])
-            s4 = dist.all_reduce(torch.cat([counts, tail]))
-            counts = s4[: sae.cfg.d_sae]
-            self.tokens_since_fired += n
-            self.tokens_since_fired[counts > 0] = 0
-            self.fire_counts += counts.cpu()
-            self.tokens_seen += n
-            n_active, fvu_g, auxk_g = s4[sae.cfg.d_sae :].tolist()
-        loss_g = fvu_g + (self.cfg.auxk_alpha * auxk_g if use_aux else 0.0)
-        return StepStats(loss_g, fvu_g, auxk_g, n_active / n, n_dead / sae.cfg.d_sae)
+        self.sae.normalize_decoder()
+
+    @torch.no_grad()
+    def _record_firing(self, code: SparseCode, n: int, fvu: torch.Tensor, auxk: torch.Tensor) -> list[float]:
+        """(4) Firing counts (they decide which latents are dead, so every rank must agree) and the global
+        statistics: the counters advance; returns the active-latent count, FVU and AuxK of the global batch."""
+        f64, d_sae = torch.float64, self.sae.cfg.d_sae
+        active = code.values > 0
+        counts = torch.bincount(code.indices[active], minlength=d_sae).to(f64)
+        tail = torch.stack([active.sum().to(f64), fvu.detach().to(f64), auxk.detach().to(f64)])
+        s4 = self.dist.all_reduce(torch.cat([counts, tail]))
+        counts = s4[:d_sae]
+        self.tokens_since_fired += n
+        self.tokens_since_fired[counts > 0] = 0
+        self.fire_counts += counts.cpu()
+        self.tokens_seen += n
+        return s4[d_sae:].tolist()
 
     def _auxk_reconstruction(self, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, n_dead: int) -> torch.Tensor:
         """The AuxK reconstruction of the residual: each row's ``auxk_k`` dead latents with the largest

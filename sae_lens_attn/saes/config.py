@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,6 +58,19 @@ def register_architecture(cls: type, name: str, saelens_name: str | None = None)
     REGISTRY[name] = ArchitectureInfo(name, saelens_name or name, cls)
 
 
+#: Checks of the SAEConfig fields one architecture owns, by the checking function's qualified name. SAELens'
+#: cfg.json is flat, so such a field (TopK's ``k``, ``selection``, ``gsae_beta``) sits on every SAEConfig,
+#: and its architecture's module registers the check (:func:`register_field_check`); every config runs
+#: every check, whatever its architecture (a g-SAE ``selection`` on a JumpReLU config is refused).
+FIELD_CHECKS: dict[str, Callable[[SAEConfig], None]] = {}
+
+
+def register_field_check(check: Callable[[SAEConfig], None]) -> None:
+    """Run ``check(cfg)`` on every SAEConfig (after the architecture is known to be registered); it raises
+    :class:`~sae_lens_attn.errors.InputError` for a bad value."""
+    FIELD_CHECKS[f"{check.__module__}.{check.__qualname__}"] = check
+
+
 def architectures() -> tuple[str, ...]:
     """The names of the registered architectures."""
     return tuple(REGISTRY)
@@ -75,6 +88,8 @@ class SAEConfig:
     """Width of the activation vectors (n_heads*d_head for hook_z with all heads)."""
     d_sae: int
     """Number of latents."""
+    # k, selection and gsae_beta belong to TopK (saes/topk.py checks them) but sit here: SAELens' cfg.json
+    # is flat (``k`` at the top level), and SAEConfig(d_in=..., d_sae=..., k=...) is the public constructor.
     k: int = 16
     """Active latents per token (``topk`` only; the other architectures ignore it)."""
     selection: Selection = "topk"
@@ -107,15 +122,8 @@ class SAEConfig:
             raise InputError(f"SAEConfig.apply_b_dec_to_input must be True or False, got {self.apply_b_dec_to_input!r}")
         if self.architecture not in REGISTRY:
             raise InputError(f"SAEConfig.architecture must be one of {architectures()}, got {self.architecture!r}")
-        if self.architecture == "topk" and self.k > self.d_sae:
-            raise InputError(f"SAEConfig.k ({self.k}) must not exceed d_sae ({self.d_sae})")
-        if self.selection not in ("topk", "gsae"):
-            raise InputError(f"SAEConfig.selection must be 'topk' or 'gsae', got {self.selection!r}")
-        if self.selection == "gsae" and self.architecture != "topk":
-            raise InputError(f"SAEConfig.selection='gsae' needs architecture='topk', got {self.architecture!r}")
-        if isinstance(self.gsae_beta, bool) or not isinstance(self.gsae_beta, (int, float)) \
-                or not math.isfinite(self.gsae_beta) or self.gsae_beta < 0:
-            raise InputError(f"SAEConfig.gsae_beta must be a finite number >= 0, got {self.gsae_beta!r}")
+        for check in FIELD_CHECKS.values():  # the fields one architecture owns (TopK: k, selection, gsae_beta)
+            check(self)
         if self.reshape_activations not in ("none", "hook_z"):
             raise InputError(f"SAEConfig.reshape_activations must be 'none' or 'hook_z', got {self.reshape_activations!r}")
         if not isinstance(self.dtype, str) or getattr(torch, self.dtype, None) not in FLOAT_DTYPES:

@@ -10,12 +10,33 @@ the weights when such a file is loaded (same function, unit decoder rows).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Float, Int
 
+from ..errors import InputError
 from ..kernels import dense_pre, kernels_enabled, selected_pre, topk_indices
 from .base import SAE, SparseCode
-from .config import SAEConfig
+from .config import SAEConfig, register_field_check
+
+
+def check_topk_fields(cfg: SAEConfig) -> None:
+    """TopK's fields, checked on every SAEConfig (they sit on every one: SAELens' cfg.json is flat): ``k``
+    within ``d_sae`` for a TopK SAE, a known ``selection`` (``gsae`` only for TopK), and a finite
+    ``gsae_beta`` >= 0. (``k`` is a positive width like ``d_in`` and ``d_sae``: SAEConfig checks that first.)"""
+    if cfg.architecture == "topk" and cfg.k > cfg.d_sae:
+        raise InputError(f"SAEConfig.k ({cfg.k}) must not exceed d_sae ({cfg.d_sae})")
+    if cfg.selection not in ("topk", "gsae"):
+        raise InputError(f"SAEConfig.selection must be 'topk' or 'gsae', got {cfg.selection!r}")
+    if cfg.selection == "gsae" and cfg.architecture != "topk":
+        raise InputError(f"SAEConfig.selection='gsae' needs architecture='topk', got {cfg.architecture!r}")
+    if isinstance(cfg.gsae_beta, bool) or not isinstance(cfg.gsae_beta, (int, float)) \
+            or not math.isfinite(cfg.gsae_beta) or cfg.gsae_beta < 0:
+        raise InputError(f"SAEConfig.gsae_beta must be a finite number >= 0, got {cfg.gsae_beta!r}")
+
+
+register_field_check(check_topk_fields)
 
 
 class TopKSAE(SAE):
