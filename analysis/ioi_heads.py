@@ -49,6 +49,11 @@ def ioi_head_scores(model, data: IOIDataset) -> IOIHeadScores:
     spec = model_spec(model)
     if spec.kind != "causal" or not hasattr(model, "ln_final"):
         raise UnsupportedModelError(f"IOI head scores need a causal LM with a final norm; {spec.family} is not one")
+    if spec.require_layout("per-head direct logit attribution") != "pre_norm":
+        # a post-attention norm (sandwich) or post-norm blocks rescale each head's write per position, so
+        # z_h W_O^h is not what reaches the residual stream: the DLA would be silently wrong
+        raise UnsupportedModelError(f"per-head DLA reads z_h W_O^h as the head's write to the residual stream; "
+                                    f"{spec.family} is a {spec.layout} model, where a norm after attention rescales it")
     dev = model_device(model)
     n_layers = model.cfg.n_layers
     names = {f"blocks.{L}.attn.hook_{w}" for L in range(n_layers) for w in ("z", "pattern")} | {"ln_final.hook_scale"}
