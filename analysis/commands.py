@@ -40,13 +40,46 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def _add_analysis(sub, analysis: Analysis) -> None:
+def _checked(opt):
+    """The option's parser for argparse: a bad value exits with the option's own message."""
+    def parse(text: str):
+        try:
+            return opt.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err) if str(err).startswith(opt.flag) else
+                                             f"expected {opt.type.__name__}, got {text!r}") from None
+
+    parse.__name__ = opt.type.__name__
+    return parse
+
+
+def _add_analysis(sub, analysis: Analysis) -> argparse.ArgumentParser:
     p = sub.add_parser(analysis.name, formatter_class=HelpFormatter, help=analysis.help,
                        description=analysis.description or analysis.help)
     _common(p)
     for opt in analysis.options:
-        p.add_argument(opt.flag, type=opt.type, default=opt.default, help=opt.help)
+        p.add_argument(opt.flag, type=_checked(opt), default=opt.default, help=opt.help)
     p.add_argument("--out", default=None, help="also write the report as JSON to this file")
+    return p
+
+
+def default_args(analysis: Analysis, sae: str, options: dict | None = None) -> argparse.Namespace:
+    """The flags ``analysis`` would get on the command line with ``--sae sae`` and ``options`` (by flag name
+    without dashes, ``{"n": 2}``), every other flag at its default: what a front end other than the command
+    line (the explorer) passes as :attr:`Context.args`."""
+    p = _add_analysis(argparse.ArgumentParser(prog="sae-lens-attn").add_subparsers(), analysis)
+    args = p.parse_args(["--sae", sae])
+    own = {opt.flag.lstrip("-").replace("-", "_"): opt for opt in analysis.options}
+    for name, value in (options or {}).items():
+        if name not in own:
+            raise InputError(f"{analysis.name} has no option {name!r}; its options: {', '.join(own) or 'none'}")
+        try:
+            setattr(args, name, own[name].parse(str(value)))  # as typed on a command line: 2.5 is not an int
+        except ValueError as err:
+            if str(err).startswith(own[name].flag):
+                raise InputError(f"{analysis.name}: option {name!r}: {err}") from None
+            raise InputError(f"{analysis.name}: option {name!r} must be {own[name].type.__name__}, got {value!r}") from None
+    return args
 
 
 def add_parsers(sub) -> None:

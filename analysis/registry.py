@@ -4,7 +4,9 @@ An analysis is a function of a :class:`Context` (the model, the SAE, the site it
 loaded from the common flags ``--sae``, ``--model``, ``--dataset``, ``--tokens``, ... of
 :mod:`.commands`) that yields :class:`Part`\\ s: text to print and a dict to merge into the report.
 :func:`register` makes it a subcommand with those flags, its own :class:`Option`\\ s and ``--out FILE``,
-which writes the merged report as JSON. ``analyze`` itself is one (:mod:`.report`).
+which writes the merged report as JSON. ``analyze`` itself is one (:mod:`.report`). With ``explorer=True`` it
+is also a panel of the explorer (``sae_lens_attn.frontends.explorer.registered``), run on the prompt typed
+there: the parts' text shown, their data returned as JSON.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ class Option:
     type: Callable = int
     default: Any = None
     help: str = ""
+    minimum: float | None = None
+    """The smallest value allowed (a smaller one is refused naming the flag, on the command line and in the
+    explorer), or None."""
+
+    def parse(self, text: str):
+        """``text`` as this option's value; a value of the wrong type or under ``minimum`` is a ValueError."""
+        value = self.type(text)
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{self.flag} must be >= {self.minimum}, got {value}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,9 @@ class Analysis:
     help: str = ""
     options: tuple[Option, ...] = ()
     description: str = ""
+    explorer: bool = False
+    """Also a panel of the explorer, run with ``rows`` = the prompt's tokens (one row) and the chosen SAE: for
+    analyses that say something about any text, not only about a large sample."""
 
 
 #: Registered analyses by subcommand name, in registration order (the order of ``--help``).

@@ -117,7 +117,8 @@ register(Analysis(
     help="head survey, induction heads and features, prefix-length study of an attention SAE",
     description="Which heads write each feature (decoder-norm shares), which features each head computes, which "
     "features are induction features and where their DFA comes from (Kissane et al. 2024).",
-    options=(Option("--top", int, 5, "features listed per head"),
-             Option("--induction-length", int, 32, "length of the random sequence repeated in [BOS, r, r]"),
-             Option("--n-seq", int, 16, "repeated random sequences")),
+    options=(Option("--top", int, 5, "features listed per head", minimum=1),
+             Option("--induction-length", int, 32, "length of the random sequence repeated in [BOS, r, r]", minimum=2),
+             Option("--n-seq", int, 16, "repeated random sequences", minimum=1)),
+    explorer=True,
 ))

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from sae_lens_attn.activations import epoch_batches, harvest_all
+from sae_lens_attn.analysis.commands import HelpFormatter
 from sae_lens_attn.data import token_rows
 from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import ensure_dir, write_json, write_text
@@ -50,12 +51,18 @@ from sae_lens_attn.models import SAMPLE_TEXT, load_model, token_policy
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site
 from sae_lens_attn.spec import UnsupportedModelError, model_spec
+from sae_lens_attn.training.commands import add_config_arguments
+from sae_lens_attn.training.config import OptimSettings
 from sae_lens_attn.training.trainer import OptimConfig, Trainer
 
 from .gsae_study_eval import SteerConfig, sae_eval, site_eval
 from .gsae_study_stats import METRICS, figure, paired, row_metrics, run_key, table
 
 RESULTS, ROWS, PAIRED = "results.json", "eval_rows.json", "paired.json"
+
+#: The study's optimiser settings: shorter warm-up and dead window than ``train``'s, for runs of a few
+#: hundred steps (the committed studies used these).
+STUDY_OPTIM = OptimSettings(warmup_steps=20, dead_tokens=100_000)
 
 
 @dataclass
@@ -67,16 +74,17 @@ class StudyConfig:
     tokens: int = 1_000_000
     """Training tokens per SAE (at least: whole batches, rounded up)."""
     batch_size: int = 4096
+    """Activation vectors (tokens) per optimizer step."""
     expansion: int = 8
     """d_sae = expansion * d_in."""
     context_size: int = 128
+    """Tokens per model row (the start token included)."""
     eval_rows: int = 128
     """Held-out rows (the first of a seed-0 shuffle of the sample text's rows); the rest train."""
-    lr: float = 2e-3
-    warmup_steps: int = 20
-    dead_tokens: int = 100_000
-    """A latent not firing for this many training tokens is dead (AuxK then trains it)."""
+    optim: OptimSettings = field(default_factory=lambda: dataclasses.replace(STUDY_OPTIM))
+    """The optimiser settings, as ``train`` takes them (flags ``--lr``, ``--warmup-steps``, ...)."""
     steer: SteerConfig = field(default_factory=SteerConfig)
+    """The steering measure's choices (flags ``--steer-alpha``, ``--steer-rows``, ...)."""
     dataset: str | None = None
     """Training text (file or folder; see :func:`~sae_lens_attn.data.token_rows`) instead of the rest of the
     sample: about ``tokens`` distinct tokens, one epoch. The evaluation rows stay the sample's held-out rows,
@@ -95,6 +103,7 @@ class StudyConfig:
     """The model's start-token rule (``load_model(start_token=)``); None: the tokenizer's own."""
 
     def __post_init__(self) -> None:
+        self.eval_from_dataset = self.eval_from_dataset or None  # False and None: the sample's rows, saved alike
         for name in ("tokens", "batch_size", "expansion", "context_size", "eval_rows"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -106,6 +115,12 @@ class StudyConfig:
     @property
     def steps(self) -> int:
         return math.ceil(self.tokens / self.batch_size)
+
+    def settings(self) -> dict:
+        """What a result depends on, as saved in results.json: the optimiser settings at the top level (as
+        studies before the nesting saved lr, warmup_steps and dead_tokens), the steering ones under ``steer``."""
+        flat = dataclasses.asdict(self)
+        return {**{k: v for k, v in flat.items() if k != "optim"}, **flat["optim"]}
 
 
 class Store:
@@ -120,7 +135,9 @@ class Store:
             old = json.loads((out / RESULTS).read_text())
             if not isinstance(old, dict) or "settings" not in old:
                 raise InputError(f"{out / RESULTS} has no settings (an older study's file); move it away or use another --out")
-            diff = sorted(k for k in settings.keys() | old["settings"].keys() if settings.get(k) != old["settings"].get(k))
+            # settings saved before the optimiser's were all flags used OptimSettings' defaults for the rest
+            was = {**{k: v for k, v in dataclasses.asdict(OptimSettings()).items() if k in settings}, **old["settings"]}
+            diff = sorted(k for k in settings.keys() | was.keys() if settings.get(k) != was.get(k))
             if diff:  # a setting added since (absent there) counts as its default, None
                 raise InputError(f"{out / RESULTS} was made with other settings ({', '.join(diff)}); rerun with its "
                                  "settings to resume, or use another --out")
@@ -199,7 +216,7 @@ def _train_saes(cfg: StudyConfig, model, sites: list[Site], data, seed: int, k: 
                             gsae_beta=1.0 if beta is None else beta), init=False)
         sae.reset_parameters(torch.Generator().manual_seed(1000 * seed + s.layer))  # same init for both rules
         saes[s] = sae
-    optim = OptimConfig.of(cfg)  # lr, warmup_steps, dead_tokens, steps, batch_size by name
+    optim = OptimConfig.of(cfg.optim, steps=cfg.steps, batch_size=cfg.batch_size)
     Trainer(saes, optim).fit(epoch_batches(data, cfg.batch_size, seed=seed))  # same batch order for both rules
     return saes
 
@@ -240,7 +257,7 @@ def run_study(cfg: StudyConfig, ks: list[int], seeds: list[int], betas: list[flo
             "an encoder: train and evaluate g-SAEs on it with sae-lens-attn train --sae gsae (masked-token loss) instead")
     sites = [Site(layer) for layer in (cfg.layers if cfg.layers is not None else range(model.cfg.n_layers))]
     eval_r, train_r = _study_rows(cfg, model)
-    store = Store(out, dataclasses.asdict(cfg))
+    store = Store(out, cfg.settings())
     grid = _grid(ks, seeds, betas)
     todo = [g for g in grid if not all(store.done(run_key(s.layer, g[1], g[0], g[2], g[3])) for s in sites)]
     print(f"{len(grid) - len(todo)} of {len(grid)} trainings already in {out}; {len(todo)} to run", flush=True)
@@ -296,46 +313,41 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def main(argv: list[str] | None = None) -> None:
-    d = StudyConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="hub id or local dir (default: the embedded model)")
-    p.add_argument("--ks", default="8,16,32")
+def _parser() -> argparse.ArgumentParser:
+    """The grid and run flags, then one flag per field of StudyConfig, OptimSettings and SteerConfig (help: the
+    field docstrings)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--ks", default="8,16,32", help="TopK k values")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--betas", default="0.5,1,2,4", help="g-SAE betas; each g-SAE is paired with the TopK SAE")
-    p.add_argument("--tokens", type=int, default=d.tokens, help="training tokens per SAE")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--expansion", type=int, default=d.expansion)
-    p.add_argument("--context-size", type=int, default=d.context_size)
-    p.add_argument("--eval-rows", type=int, default=d.eval_rows)
-    p.add_argument("--steer-rows", type=int, default=d.steer.rows, help="evaluation rows the steering passes use")
-    p.add_argument("--steer-latents", type=int, default=d.steer.n_latents)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else torch's)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the second interval")
     p.add_argument("--report-only", action="store_true", help="only rebuild paired.json, table.md and the figure")
-    p.add_argument("--dataset", default=None, help="training text (file or folder) instead of the rest of the "
-                   "shipped sample, one epoch of distinct tokens; evaluation stays on the sample's held-out rows")
-    p.add_argument("--eval-from-dataset", action="store_true", help="hold the evaluation rows out of --dataset "
-                   "(as train does) instead of the shipped sample: for a model other than the embedded one")
-    p.add_argument("--harvest-tokens", type=int, default=None, help="with --eval-from-dataset: distinct training "
-                   "tokens to harvest; --tokens is reached by further epochs over them (default: --tokens)")
-    p.add_argument("--layers", default=None, help="layers to train at, e.g. '12' or '8,12' (default: every layer)")
-    p.add_argument("--start-token", default=None, help="the model's start-token rule, e.g. '<|endoftext|>'")
     p.add_argument("--out", default="benchmarks/gsae_study")
-    a = p.parse_args(argv)
+    add_config_arguments(p, StudyConfig)
+    add_config_arguments(p, OptimSettings, defaults=STUDY_OPTIM)
+    add_config_arguments(p, SteerConfig, prefix="steer_")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> StudyConfig:
+    """The StudyConfig the flags give (nested settings by their fields, no field named by hand)."""
+    def of(cls, prefix: str = ""):
+        return {f.name: getattr(a, prefix + f.name) for f in dataclasses.fields(cls) if f.name not in ("optim", "steer")}
+
+    return StudyConfig(**of(StudyConfig), optim=OptimSettings(**of(OptimSettings)),
+                       steer=SteerConfig(**of(SteerConfig, "steer_")))
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = _parser().parse_args(argv)
     threads = a.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
     if threads:
         torch.set_num_threads(threads)
     out = Path(a.out)
     if not a.report_only:
-        cfg = StudyConfig(model=a.model, tokens=a.tokens, batch_size=a.batch_size, expansion=a.expansion,
-                          context_size=a.context_size, eval_rows=a.eval_rows,
-                          steer=SteerConfig(rows=a.steer_rows, n_latents=a.steer_latents), dataset=a.dataset,
-                          eval_from_dataset=a.eval_from_dataset or None, start_token=a.start_token,
-                          harvest_tokens=a.harvest_tokens,
-                          layers=_ints(a.layers) if a.layers else None)
         t0 = time.time()
-        run_study(cfg, _ints(a.ks), _ints(a.seeds), [float(b) for b in a.betas.split(",") if b], out)
+        run_study(config_from_args(a), _ints(a.ks), _ints(a.seeds), [float(b) for b in a.betas.split(",") if b], out)
         print(f"study done in {time.time() - t0:.0f}s on {torch.get_num_threads()} thread(s)", flush=True)
     print(report(out, a.n_boot))
 

@@ -158,3 +158,29 @@ def test_explorer_end_to_end(browser, served, tmp_path):
     assert "shorten it" in page.inner_text("#status")
     assert all("status of 400" in p for p in problems), problems
     page.close()
+
+
+def test_registered_analysis_panel(browser, served):
+    """The analyses registered with explorer=True (``analyze`` here) run on the prompt from the page; what the
+    page shows is each part's text as the Python API gives it, with the option typed in the form."""
+    session, url = served
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+    assert "analyze" in page.locator("#analysis-name option").all_inner_texts()
+    page.fill("#prompt", PROMPT)
+    page.select_option("#analysis-name", "analyze")
+    page.select_option("#analysis-sae", "L1.z")
+    page.fill("#analysis-options input[data-option='top']", "2")
+    page.click("#analysis-run")
+    page.wait_for_selector("#analysis-out pre.analysis-part", timeout=120_000)
+    shown = page.locator("#analysis-out pre.analysis-part").all_inner_texts()
+    want = [p["text"] for p in session.run_analysis("analyze", PROMPT, "L1.z", {"top": 2})["parts"]]
+    assert [s.strip() for s in shown] == [w.strip() for w in want]
+    page.fill("#analysis-options input[data-option='top']", "2.5")
+    page.click("#analysis-run")
+    page.wait_for_selector("#analysis-out p.error")
+    assert "option 'top' must be int" in page.inner_text("#analysis-out")
+    assert not problems, problems

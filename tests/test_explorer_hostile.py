@@ -70,10 +70,11 @@ def served(tiny_neox):
 
 
 BASE = {"text": TEXT, "sae": "L0.z", "feature": 1, "pos": 2, "coefficient": 2.0, "n_tokens": 1, "top_k": 4, "n_logits": 5,
-        "n_terms": 5, "top": 5}
+        "n_terms": 5, "top": 5, "analysis": "analyze", "options": {"n_seq": 2, "induction_length": 4}}
 FIELDS = {"analyze": ("text", "top_k"), "activations": ("text", "sae", "feature"),
           "feature": ("text", "sae", "feature", "pos", "n_logits", "n_terms"),
-          "steer": ("text", "sae", "feature", "coefficient", "n_tokens", "top")}
+          "steer": ("text", "sae", "feature", "coefficient", "n_tokens", "top"),
+          "run": ("text", "sae", "analysis", "options")}
 
 
 @pytest.mark.parametrize("endpoint,field,value,msg", [
@@ -116,6 +117,11 @@ def test_no_hostile_value_gets_a_500(served):
                 assert code == 200 or body["detail"], (endpoint, field, value)
                 seen.add(code)
     assert seen == {200, 400, 404, 422}
+    for name, value in [("top", 10**30), ("top", -1), ("top", 0), ("n_seq", 0), ("n_seq", -3), ("induction_length", 0),
+                        ("induction_length", 10**9), ("top", 1e308), ("top", "\u0000")]:
+        options = BASE["options"] | {name: value}
+        code, body = _post(url, "run", {k: BASE[k] for k in FIELDS["run"]} | {"options": options})
+        assert code in (200, 400, 422) and (code == 200 or body["detail"]), (name, value, code, body)
     code, body = _post(url, "analyze", b'{"text": "a\\ud800b", ')  # not even JSON: still a 422 naming the body
     assert code == 422 and re.match(r"body: not valid JSON \(.+\) at character 21$", body["detail"][0]["msg"]), body
 

@@ -6,6 +6,7 @@ import statistics
 import pytest
 import torch
 
+from sae_lens_attn.errors import InputError
 from sae_lens_attn.evals import evaluate_sae
 from sae_lens_attn.frontends.gsae_study import Store, _grid
 from sae_lens_attn.frontends.gsae_study_eval import SteerConfig, sae_eval, site_eval
@@ -195,3 +196,26 @@ def test_eval_rows_held_out_of_the_dataset_for_another_model(tiny_neox, tmp_path
     assert train_r.shape[0] * 31 >= 512  # enough kept tokens for the budget (one structural token per row)
     with pytest.raises(ValueError, match="needs a dataset"):
         StudyConfig(eval_from_dataset=True)
+
+
+def test_flags_give_the_nested_config_and_resume_the_committed_study(tmp_path):
+    """The study's flags are generated from StudyConfig, OptimSettings and SteerConfig; the README's command
+    for the committed study gives settings its results.json accepts (saved before the optimiser settings were
+    nested: the fields it lacks count at OptimSettings' defaults, which that run used)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from sae_lens_attn.frontends.gsae_study import _parser, config_from_args
+
+    cfg = config_from_args(_parser().parse_args(["--tokens", "1000000", "--betas", "0.5,1,2,4"]))
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.dead_tokens, cfg.optim.decay_fraction) == (2e-3, 20, 100_000, 0.2)
+    assert cfg.steer == SteerConfig() and cfg.eval_from_dataset is None and cfg.layers is None
+    committed = Path(__file__).parents[1] / "benchmarks" / "gsae_study" / "results.json"
+    shutil.copy(committed, tmp_path / "results.json")
+    assert len(Store(tmp_path, cfg.settings()).results["runs"]) == len(json.loads(committed.read_text())["runs"])
+    other = config_from_args(_parser().parse_args(["--warmup-steps", "50", "--steer-rows", "4", "--layers", "1,2",
+                                                   "--eval-from-dataset", "--dataset", "x"]))
+    assert (other.optim.warmup_steps, other.steer.rows, other.layers, other.eval_from_dataset) == (50, 4, [1, 2], True)
+    with pytest.raises(InputError, match=r"other settings \(warmup_steps\)"):
+        Store(tmp_path, config_from_args(_parser().parse_args(["--tokens", "1000000", "--warmup-steps", "50"])).settings())

@@ -14,4 +14,4 @@ def densest_features(ctx: Context):
 
 
 TOY = register(Analysis("toy-densest", densest_features, help="the features firing most often (a toy)",
-                        options=(Option("--n", int, 3, "features listed"),)))
+                        options=(Option("--n", int, 3, "features listed"),), explorer=True))

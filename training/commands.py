@@ -4,6 +4,7 @@ config dataclasses' fields and field docstrings. :mod:`sae_lens_attn.frontends.c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import types
@@ -31,27 +32,48 @@ def _optional(kind):
     return parse
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _kind(hint):
+    """The argparse ``type`` that parses one value of ``hint`` (bool: true/false; list[int]: '1,2')."""
+    if hint is bool:
+        return _bool
+    if typing.get_origin(hint) is list:
+        return _ints
+    return hint
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, prefix: str = "", defaults=None) -> None:
+    """One flag per field of the dataclass ``cls``, its help the field's docstring. ``prefix`` is put before
+    each flag and destination (``steer_`` gives ``--steer-rows`` into ``steer_rows``); ``defaults`` (an
+    instance of ``cls``) supplies the default values instead of the fields' own. Fields holding a nested
+    dataclass are skipped: the caller adds them with their own prefix. A bool flag given alone means true."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         hint = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        kw: dict = {"dest": f.name, "default": default, "help": docs.get(f.name, "")}  # the formatter adds "(default: ...)"
+        if dataclasses.is_dataclass(hint):
+            continue
+        dest = prefix + f.name
+        default = getattr(defaults, f.name) if defaults is not None else (f.default if f.default is not MISSING else None)
+        kw: dict = {"dest": dest, "default": default, "help": docs.get(f.name, "")}  # the formatter adds "(default: ...)"
         origin = typing.get_origin(hint)
         args = typing.get_args(hint)
-        if origin is typing.Literal:
-            kw["choices"] = list(args)
-        elif hint is bool:
-            kw["type"] = _bool
-            kw["metavar"] = "BOOL"
-        elif origin in (typing.Union, types.UnionType):
+        if origin in (typing.Union, types.UnionType):
             inner = next(a for a in args if a is not type(None))
-            kw["type"] = _optional(inner)
-        else:
-            kw["type"] = hint
-        parser.add_argument(flag, **kw)
+            kw["type"], hint, origin = _optional(_kind(inner)), inner, typing.get_origin(inner)
+        if origin is typing.Literal:
+            kw["choices"] = list(typing.get_args(hint))
+        elif hint is bool:
+            kw.update(type=kw.get("type", _bool), metavar="BOOL", nargs="?", const=True)
+        elif "type" not in kw:
+            kw["type"] = _kind(hint)
+        parser.add_argument("--" + dest.replace("_", "-"), **kw)
 
 
 def add_parsers(sub) -> None:

@@ -15,6 +15,7 @@ not allowed (``hosts.py``), 404 for an unknown SAE, 422 for a malformed body or 
 ``POST /api/feature``      ``{text, sae, feature, pos, n_logits=10, n_terms=12}``: DFA, error, RDFA, logits
 ``POST /api/qk``           ``{text, layer, head, pos, source, contrast=None, n_pairs=12}``: why the head attends there
 ``POST /api/steer``        ``{text, sae, feature, coefficient, n_tokens=20, top=10}``: next-token change, continuation
+``POST /api/run``          ``{text, sae, analysis, options={}}``: a registered analysis (``explorer=True``) on the prompt
 ``GET  /dashboards/<sae>/feature_<i>.html``  dashboard pages, when a folder was given for that SAE
 """
 
@@ -51,7 +52,7 @@ def _missing_extra(err: ImportError) -> MissingExtraError:
 
 
 def _request_models() -> tuple:
-    """The request bodies (Analyze, Activations, Feature, Steer, QK): strict (true is not 1), bounded."""
+    """The request bodies (Analyze, Activations, Feature, Steer, QK, Run): strict (true is not 1), bounded."""
     from pydantic import Field
 
     from .fields import Body as BaseModel
@@ -86,7 +87,13 @@ def _request_models() -> tuple:
         contrast: int | None = Field(None, ge=0)
         n_pairs: int = Field(12, ge=1, le=100)
 
-    return Analyze, Activations, Feature, Steer, QK
+    class Run(BaseModel):
+        text: Text
+        sae: Text
+        analysis: Text
+        options: dict[str, int | float | str] = Field(default_factory=dict, max_length=32)
+
+    return Analyze, Activations, Feature, Steer, QK, Run
 
 
 def _error(detail, status: int):  # ASCII JSON: encodes whatever text the request held
@@ -120,7 +127,7 @@ def _add_api(app, session: ExplorerSession) -> None:
     """The JSON API under /api: every route one call of the session."""
     from fastapi.responses import Response
 
-    Analyze, Activations, Feature, Steer, QK = _request_models()
+    Analyze, Activations, Feature, Steer, QK, Run = _request_models()
 
     def reply(obj: dict) -> Response:
         # json.dumps directly: FastAPI's generic encoder walks every number in Python, several times slower
@@ -149,6 +156,10 @@ def _add_api(app, session: ExplorerSession) -> None:
     @app.post("/api/qk")
     def qk(req: QK):
         return reply(session.qk(req.text, req.layer, req.head, req.pos, req.source, req.contrast, req.n_pairs))
+
+    @app.post("/api/run")
+    def run(req: Run):
+        return reply(session.run_analysis(req.analysis, req.text, req.sae, req.options))
 
 
 def _add_pages(app, session: ExplorerSession) -> None:

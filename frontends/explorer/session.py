@@ -12,7 +12,8 @@ dicts (the server only routes them):
 * :meth:`~ExplorerSession.feature` -- one feature at one token (see :mod:`.detail`);
 * :meth:`~ExplorerSession.qk` -- why a head attends from a token to a source (see :mod:`.qk`);
 * :meth:`~ExplorerSession.steer` -- next-token distribution and greedy continuation with a feature added
-  (see :mod:`.steer`).
+  (see :mod:`.steer`);
+* :meth:`~ExplorerSession.run_analysis` -- a registered analysis on the prompt (see :mod:`.registered`).
 
 Structural tokens of the tokenization policy (BOS, CLS, SEP) are shown but get no features: the SAEs never
 saw them (training, statistics and dashboards drop them too). Calls are serialised by a lock: they share
@@ -42,6 +43,8 @@ from sae_lens_attn.models import model_device, model_name
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
 from sae_lens_attn.spec import model_spec
+
+from .registered import describe as describe_analyses
 
 #: Most top features per token one analyze call returns.
 MAX_TOP_K = 64
@@ -230,7 +233,8 @@ class ExplorerSession:
         m = self.model
         return {"model": model_name(m), "family": self.spec.family, "kind": self.spec.kind,
                 "n_layers": int(m.cfg.n_layers), "n_heads": int(m.cfg.n_heads), "n_ctx": int(m.cfg.n_ctx),
-                "token_policy": self.spec.tokens.describe(), "saes": [e.describe() for e in self.saes.values()]}
+                "token_policy": self.spec.tokens.describe(), "saes": [e.describe() for e in self.saes.values()],
+                "analyses": describe_analyses()}
 
     @torch.no_grad()
     def analyze(self, text: str, top_k: int = 8) -> dict:
@@ -303,6 +307,12 @@ class ExplorerSession:
 
         with self.lock:
             return steer_prompt(self, text, sae_id, feature, coefficient, n_tokens, top)
+
+    def run_analysis(self, name: str, text: str, sae_id: str, options: dict | None = None) -> dict:
+        """The registered analysis ``name`` run on the prompt with the SAE ``sae_id`` (see :mod:`.registered`)."""
+        from .registered import run_registered
+
+        return run_registered(self, name, text, sae_id, options)
 
     # --- loading --------------------------------------------------------------------------------------
     @classmethod

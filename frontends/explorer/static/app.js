@@ -348,6 +348,43 @@ function renderSteer(out, r) {
     el("div", { class: "meta", text: "steered" }), el("div", { class: "cont", id: "cont-steered", text: r.continuation.steered }));
 }
 
+// --- registered analyses (explorer=True) on the prompt ----------------------------------------------------
+function analysesCard() {
+  const box = $("#analyses");
+  const list = state.info.analyses || [];
+  if (!list.length) return;
+  const pick = el("select", { id: "analysis-name" }, ...list.map((a) => el("option", { value: a.name, text: a.name })));
+  const sae = el("select", { id: "analysis-sae" }, ...state.info.saes.map((s) => el("option", { value: s.id, text: s.id })));
+  const opts = el("span", { id: "analysis-options" });
+  const help = el("div", { class: "meta" });
+  const out = el("div", { id: "analysis-out" });
+  const showOptions = () => {
+    const a = list.find((x) => x.name === pick.value);
+    help.textContent = a.help;
+    opts.replaceChildren(...a.options.map((o) => el("label", { title: o.help }, ` ${o.flag} `,
+      el("input", { "data-option": o.name, "data-type": o.type, value: o.default === null ? "" : String(o.default) }))));
+  };
+  pick.addEventListener("change", showOptions);
+  const go = el("button", { type: "button", id: "analysis-run", text: "run", onclick: () => runAnalysis(pick.value, sae.value, opts, out) });
+  box.append(el("h2", { text: "Analyses on this prompt" }), el("div", { class: "controls" }, pick, " with ", sae, opts, go), help, out);
+  showOptions();
+  box.hidden = false;
+}
+
+async function runAnalysis(name, saeId, opts, out) {
+  const options = {};
+  opts.querySelectorAll("input").forEach((i) => {
+    if (i.value === "") return;
+    options[i.dataset.option] = i.dataset.type === "int" || i.dataset.type === "float" ? Number(i.value) : i.value;
+  });
+  out.replaceChildren(el("p", { class: "meta", text: "running\u2026" }));
+  try {
+    const r = await api("/api/run", { text: $("#prompt").value, sae: saeId, analysis: name, options });
+    out.replaceChildren(...r.parts.map((p) => el("pre", { class: "cont analysis-part", text: p.text })),
+      el("div", { class: "meta", text: `${r.analysis} on ${r.sae} in ${fmt(r.elapsed_ms / 1000)} s` }));
+  } catch (err) { out.replaceChildren(el("p", { class: "error", text: err.message })); }
+}
+
 async function start() {
   try {
     state.info = await api("/api/info");
@@ -355,6 +392,7 @@ async function start() {
     $("#model-info").textContent = `${state.info.model} (${state.info.family}, ${state.info.kind}) \u00b7 ` +
       `tokens: ${state.info.token_policy} \u00b7 SAEs: ${saes}`;
     $("#analyze").addEventListener("click", analyze);
+    analysesCard();
     $("#prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) analyze(); });
     document.body.dataset.ready = "1";
   } catch (err) { status(err.message, true); }
