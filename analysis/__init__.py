@@ -49,7 +49,7 @@ from .induction import (
     repeated_tokens,
 )
 from .ioi import IOIDataset, corrupt_ioi, logit_diff, make_ioi, single_token_names
-from .ioi_heads import IOIHeadScores, ioi_head_scores
+from .ioi_heads import IOIFeatureSources, IOIHeadScores, ioi_feature_sources, ioi_head_scores
 from .patching import HeadPatching, PathPatching, head_patching, path_patching, top_heads
 from .qk import QKAttribution, qk_attribution
 from .rdfa import RDFAStep, rdfa, rdfa_upstream_features, rdfa_upstream_heads, residual_components, top_terms
@@ -57,10 +57,12 @@ from .rdfa import RDFAStep, rdfa, rdfa_upstream_features, rdfa_upstream_heads, r
 __all__ = [
     "FeatureCircuitCheck",
     "HeadPatching",
+    "IOIFeatureSources",
     "IOIHeadScores",
     "PathPatching",
     "feature_circuit_check",
     "head_patching",
+    "ioi_feature_sources",
     "ioi_head_scores",
     "path_patching",
     "top_heads",

@@ -83,3 +83,30 @@ def ioi_head_scores(model, data: IOIDataset) -> IOIHeadScores:
     diff = (ld[idx, data.io_tokens.to(dev)] - ld[idx, data.s_tokens.to(dev)]).mean()
     return IOIHeadScores(out["dla_io"] - out["dla_s"], out["dla_io"], out["dla_s"], out["io"], out["s2"], out["dup"],
                          out["ind"], float(diff))
+
+
+class IOIFeatureSources(NamedTuple):
+    """Where one SAE feature is read from at the last token of IOI prompts (DFA by head and source)."""
+
+    head: int
+    """The head with the largest positive DFA to the feature, summed over the prompts."""
+    head_share: float
+    """That head's part of the feature's positive DFA (sum over heads of relu(DFA_h) is 1)."""
+    sources: dict[str, float]
+    """``IO``, ``S1``, ``S2``: the part of that head's DFA read from each name's position."""
+
+
+def ioi_feature_sources(model, sae, data: IOIDataset, feature: int, rows: list[int]) -> IOIFeatureSources:
+    """DFA by source (:func:`~.dfa.dfa_by_source`) of ``feature`` at each prompt's last token, summed over
+    ``rows``: which head computes it, and whether that head reads it from IO, S1 or S2."""
+    from .dfa import dfa_by_source
+
+    src = dfa_by_source(model, sae, data.tokens[rows], [int(feature)])
+    idx = torch.arange(len(rows))
+    ends = data.positions["end"][rows]
+    by_head = src.by_head[idx, ends, :, 0].clamp_min(0).sum(0)
+    h = int(by_head.argmax())
+    total = src.by_head[idx, ends, h, 0].sum()
+    sources = {name: float(src.by_source[idx, ends, h, data.positions[name][rows], 0].sum() / total)
+               for name in ("IO", "S1", "S2")}
+    return IOIFeatureSources(h, float(by_head[h] / by_head.sum()), sources)

@@ -64,7 +64,7 @@ movers' queries. Roles follow the criteria in `sae_lens_attn.frontends.ioi_circu
 of the gap). The cell re-computes the strongest head's last-token effect here, to show the committed numbers
 are this model's."""),
     CODE("""from sae_lens_attn.analysis.patching import head_patching
-from sae_lens_attn.frontends.ioi_circuit import THRESHOLD, assign_roles, role_table
+from sae_lens_attn.frontends.ioi_circuit import assign_roles, role_table
 
 parts = circuit["parts"]
 roles = assign_roles(parts)
@@ -149,19 +149,23 @@ for layer in sorted(saes):
           f"attribution vs patching, top 20: Spearman {r.spearman:.2f}")"""),
     MD("""Fixed before the run: at every layer that carries at least 10% of the gap, the top 10 features remove at
 least half of what the layer carries, random features remove less than a third of what the top ones do, and
-attribution ranks the top 20 with Spearman >= 0.5."""),
+attribution ranks the top 20 with Spearman >= 0.5. Each check's verdict is shown here; the notebook asserts
+them in its last cell, so that a failed check still leaves the cells after it to read."""),
     CODE("""strong = {layer: r for layer, (_, r) in checks.items() if r.layer_share >= 0.10}
+verdicts = []
 for layer, r in strong.items():
-    assert r.top_share >= 0.5 * r.layer_share, (layer, r.top_share, r.layer_share)
-    assert r.random_share < r.top_share / 3, (layer, r.random_share, r.top_share)
-    assert r.spearman >= 0.5, (layer, r.spearman)
-print("features removes the gap at layers", sorted(strong))"""),
+    verdicts += [(layer, "top 10 remove / layer carries", r.top_share / r.layer_share, ">= 0.5", r.top_share >= 0.5 * r.layer_share),
+                 (layer, "random 10 remove / top 10 remove", r.random_share / r.top_share, "< 1/3", r.random_share < r.top_share / 3),
+                 (layer, "Spearman, top 20", r.spearman, ">= 0.5", r.spearman >= 0.5)]
+for layer, what, value, bound, ok in verdicts:
+    print(f"L{layer:<3} {what:<34} {value:6.2f}  {bound:<7} {'pass' if ok else 'FAIL'}")
+failed = [(layer, what, round(value, 3)) for layer, what, value, _, ok in verdicts if not ok]"""),
     MD("""### What the last layer of the circuit writes, and where it reads it
 
 The top feature of the name-mover layer's ranking: the head that computes it and where that head reads it
 from at the last token (IO, S1 or S2), and its direct effect on the logits (the tokens it raises and lowers
 most)."""),
-    CODE("""from sae_lens_attn.analysis import dfa_by_source, logit_effects
+    CODE("""from sae_lens_attn.analysis import ioi_feature_sources, logit_effects
 
 movers = by_role["name mover"]
 nm_layer = max((layer for layer, _ in movers if layer in saes), default=None)
@@ -169,20 +173,42 @@ assert nm_layer is not None, "no SAE at a name-mover layer"
 where, r = checks[nm_layer]
 f = int(r.ranked[0])
 rows_on = [i for i in range(len(data)) if r.top[i].eq(f).any()][:16] or list(range(16))
-src = dfa_by_source(model, saes[nm_layer], data.tokens[rows_on], [f])
-idx = torch.arange(len(rows_on))
-ends = data.positions["end"][rows_on]
-by_head = src.by_head[idx, ends, :, 0].clamp_min(0).sum(0)
-h = int(by_head.argmax())
-share = {name: float(src.by_source[idx, ends, h, data.positions[name][rows_on], 0].sum() / src.by_head[idx, ends, h, 0].sum())
-         for name in ("IO", "S1", "S2")}
+src = ioi_feature_sources(model, saes[nm_layer], data, f, rows_on)
 eff = logit_effects(model, saes[nm_layer], [f], k=8)
 dec = model.tokenizer.decode
 print(f"L{nm_layer} feature {f} (top of the attribution ranking; among the top 10 of {len(rows_on)} prompts):")
-print(f"  {by_head[h] / by_head.sum():.0%} of its positive DFA at the last token comes through L{nm_layer}H{h}; "
-      f"that head's DFA from IO {share['IO']:.0%}, S1 {share['S1']:.0%}, S2 {share['S2']:.0%}")
+print(f"  {src.head_share:.0%} of its positive DFA at the last token comes through L{nm_layer}H{src.head}; "
+      f"that head's DFA from IO {src.sources['IO']:.0%}, S1 {src.sources['S1']:.0%}, S2 {src.sources['S2']:.0%}")
 print("  raises the logits of:", [dec([int(t)]) for t in eff.top_tokens[0]])
 print("  lowers the logits of:", [dec([int(t)]) for t in eff.bottom_tokens[0]])"""),
+    MD("""### One step further back: recursive DFA through an earlier SAE
+
+That head reads the feature's value at a source position from the residual stream there; the part of it an
+earlier attention layer wrote splits exactly into that layer's SAE features, its error term and its bias
+(`rdfa_upstream_features`). Through the S-inhibition layer's SAE (the latest SAE layer below the name-mover
+layer): which of its features feed this one, and at which name's position."""),
+    CODE("""from collections import Counter
+
+from sae_lens_attn.analysis import rdfa_upstream_features
+
+inhib = sorted({layer for layer, _ in by_role.get("S-inhibition", []) if layer in saes})
+up_layer = max([layer for layer in saes if layer < nm_layer and layer in inhib] or [layer for layer in saes if layer < nm_layer])
+lead, at, part = Counter(), Counter(), []
+for i in rows_on[:8]:
+    t = int(data.positions["end"][i])
+    step = rdfa_upstream_features(model, saes[nm_layer], saes[up_layer], data.tokens[i : i + 1, : t + 1], f, t, src.head)
+    j = int(step.contributions.sum(1).abs().argmax())
+    s_pos = int(step.contributions[j].abs().argmax())
+    names = {int(data.positions[n][i]): n for n in ("IO", "S1", "S2")}
+    lead[j] += 1
+    at[names.get(s_pos, "other")] += 1
+    per_feature = step.contributions.sum(1)  # each upstream feature's term, summed over source positions
+    mass = per_feature.abs().sum() + step.error.sum().abs() + step.bias.sum().abs()
+    part.append(float(per_feature[j].abs() / mass))
+print(f"L{nm_layer} feature {f} via L{nm_layer}H{src.head}, through L{up_layer}'s SAE, on {len(part)} prompts:")
+print("  largest upstream feature:", ", ".join(f"#{j} in {n}" for j, n in lead.most_common(4)))
+print("  at the position of:", dict(at))
+print(f"  its part of the absolute upstream terms (features, error, bias): mean {sum(part) / len(part):.0%}")"""),
     MD("""### Why the heads attend where they do
 
 QK attribution (`qk_attribution`) splits a head's pre-softmax score from the last token to one position into
@@ -192,7 +218,6 @@ position it attends to, S2, over IO. With the S-inhibition layers' SAEs on the q
 terms include their features."""),
     CODE("""from sae_lens_attn.analysis import qk_attribution
 
-inhib = sorted({layer for layer, _ in by_role.get("S-inhibition", []) if layer in saes})
 up = [saes[layer] for layer in inhib]
 
 
@@ -225,15 +250,14 @@ other name)."""),
     _, r = checks[layer]
     f = int(r.ranked[0])
     rows_f = [i for i in range(len(data)) if r.top[i].eq(f).any()][:16] or list(range(16))
-    src = dfa_by_source(model, saes[layer], data.tokens[rows_f], [f])
-    idx = torch.arange(len(rows_f))
-    ends = data.positions["end"][rows_f]
-    bh = src.by_head[idx, ends, :, 0].clamp_min(0).sum(0)
-    hh = int(bh.argmax())
-    tot = src.by_head[idx, ends, hh, 0].sum()
-    sh = {n: float(src.by_source[idx, ends, hh, data.positions[n][rows_f], 0].sum() / tot) for n in ("IO", "S1", "S2")}
-    print(f"L{layer} feature {f}: {bh[hh] / bh.sum():.0%} of its positive DFA through L{layer}H{hh}; from "
-          f"S2 {sh['S2']:.0%}, S1 {sh['S1']:.0%}, IO {sh['IO']:.0%}")"""),
+    sh = ioi_feature_sources(model, saes[layer], data, f, rows_f)
+    print(f"L{layer} feature {f}: {sh.head_share:.0%} of its positive DFA through L{layer}H{sh.head}; from "
+          f"S2 {sh.sources['S2']:.0%}, S1 {sh.sources['S1']:.0%}, IO {sh.sources['IO']:.0%}")"""),
+    MD("""## The checks fixed before the run
+
+Every check of the feature section, asserted."""),
+    CODE("""assert not failed, f"checks fixed before the run that failed: {failed}"
+print("every check fixed before the run passes")"""),
 ]
 
 book = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",

@@ -178,3 +178,31 @@ def test_feature_circuit_check_against_hand_written_patches(llama, ioi):
     assert r.top_share == pytest.approx((r.clean_metric - float(metric(lg))) / gap, abs=1e-4)
     assert r.top.shape == (len(data), 3) and r.ranked.shape == (5,) and -1 <= r.spearman <= 1
     assert r.predicted.tolist() == sorted(r.predicted.tolist())  # most negative summed attribution first
+
+
+def test_ioi_feature_sources_against_the_attention_pattern_and_values(llama, ioi):
+    """DFA of a feature at the last token split by head and source, computed here from the cached pattern
+    and values (a key/value head repeated for its query heads) and the encoder's rows for each head."""
+    from sae_lens_attn.analysis.ioi_heads import ioi_feature_sources
+    from sae_lens_attn.sae import SAE, SAEConfig
+    from sae_lens_attn.sites import Site
+
+    data, _ = ioi
+    site, f, rows = Site(1), 5, [0, 2, 3]
+    sae = SAE(SAEConfig(d_in=site.d_in(llama.cfg), d_sae=16, k=4, metadata={"hook_name": site.hook_name}))
+    r = ioi_feature_sources(llama, sae, data, f, rows)
+    names = ("blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v")
+    with torch.no_grad():
+        _, cache = llama.run_with_cache(data.tokens[rows], names_filter=lambda n: n in names)
+    n_heads, d_head = llama.cfg.n_heads, llama.cfg.d_head
+    v = cache["blocks.1.attn.hook_v"]
+    v = v.repeat_interleave(n_heads // v.shape[2], dim=2)  # [b, k, head, d_head]
+    w = sae.W_enc[:, f].detach().reshape(n_heads, d_head)
+    by_source = torch.einsum("bhk,bkhd,hd->bhk", cache["blocks.1.attn.hook_pattern"][torch.arange(3), :, data.positions["end"][rows]], v, w)
+    by_head = by_source.sum(-1)  # [b, head]
+    pos = by_head.clamp_min(0).sum(0)
+    h = int(pos.argmax())
+    assert r.head == h and r.head_share == pytest.approx(float(pos[h] / pos.sum()), rel=1e-4)
+    for name in ("IO", "S1", "S2"):
+        at = by_source[torch.arange(3), h, data.positions[name][rows]].sum() / by_head[:, h].sum()
+        assert r.sources[name] == pytest.approx(float(at), rel=1e-4, abs=1e-6)
