@@ -22,7 +22,7 @@ EXPECTED = {
     "quickstart": "steered (+6 x feature",
     "head-attribution-and-induction-features": "writes",
     "circuit": "features removes",
-    "ioi-smollm2": "features removes the gap at layers",
+    "ioi-smollm2": "every check fixed before the run passes",
 }
 
 
