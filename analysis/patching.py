@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 
 from sae_lens_attn.errors import InputError
 from sae_lens_attn.models import model_device
+from sae_lens_attn.spec import Z_HOOK
 
 from .circuits import Positions, position_mask
 
@@ -50,7 +51,7 @@ class HeadPatching(NamedTuple):
 
 
 def _z_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
+    return Z_HOOK.format(layer=layer)  # the spec's one name for a layer's hook_z (what Site(layer) reads)
 
 
 def _check_pair(clean: torch.Tensor, corrupted: torch.Tensor) -> None:
