@@ -27,16 +27,7 @@ from .copying import CopyDataset, copy_logit_diff, repeated_name_prompts, spearm
 from .dashboard import DashboardConfig, default_features, feature_page, write_dashboards
 from .dfa import DFAResult, SourceDFA, dfa, dfa_by_source, head_fractions
 from .feature_circuit import FeatureCircuitCheck, feature_circuit_check
-from .features import (
-    Example,
-    FeatureStats,
-    LogitEffects,
-    StatsConfig,
-    feature_stats,
-    format_example,
-    logit_effects,
-    logit_weights,
-)
+from .features import Example, FeatureStats, StatsConfig, feature_stats, format_example
 from .heads import HeadReport, format_head_report, head_report, head_shares
 from .induction import (
     classify_prefix_heads,
@@ -50,6 +41,7 @@ from .induction import (
 )
 from .ioi import IOIDataset, corrupt_ioi, logit_diff, make_ioi, single_token_names
 from .ioi_heads import IOIFeatureSources, IOIHeadScores, ioi_feature_sources, ioi_head_scores
+from .logits import LogitEffects, logit_effects, logit_weights
 from .patching import HeadPatching, PathPatching, head_patching, path_patching, top_heads
 from .qk import QKAttribution, qk_attribution
 from .rdfa import RDFAStep, rdfa, rdfa_upstream_features, rdfa_upstream_heads, residual_components, top_terms

@@ -41,8 +41,9 @@ from .dashboard_figures import (
 from .dashboard_html import PLOTLY_FILE, PlotlyJS, document
 from .dashboard_index import index_page
 from .dashboard_select import default_features, induction_scores_or_none
-from .features import Example, FeatureStats, logit_effects
+from .features import Example, FeatureStats
 from .heads import head_shares
+from .logits import logit_effects
 from .qk import qk_attribution
 
 __all__ = ["PLOTLY_FILE", "DashboardConfig", "DashboardFiles", "default_features", "feature_page", "index_page",

@@ -1,4 +1,4 @@
-"""Feature statistics over a token budget, streamed in bounded memory, and each feature's logit effects.
+"""Feature statistics over a token budget, streamed in bounded memory.
 
 Per feature, one pass over the tokens keeps (memory O(d_sae * (n_top + n_samples) * window), independent of
 the number of tokens):
@@ -12,9 +12,7 @@ the number of tokens):
   as in Anthropic's feature dashboards (Bricken et al. 2023) and Kissane et al. (2024);
 * firing count (density), activation sum and maximum, and a histogram on fixed log-spaced bins.
 
-Logit effects (:func:`logit_effects`) follow the decoder row into the residual stream (through W_O for
-hook_z SAEs) and on through the final LayerNorm's weight (centred, scale frozen) and W_U: the direct effect
-of the feature on the logits, as in the paper's dashboards.
+Each feature's logit effects are :mod:`.logits`' (re-exported here, where they were first defined).
 """
 
 from __future__ import annotations
@@ -30,17 +28,10 @@ from sae_lens_attn.activations import harvest
 from sae_lens_attn.errors import InputError
 from sae_lens_attn.sae import SAE
 from sae_lens_attn.sites import Site
-from sae_lens_attn.spec import UnsupportedModelError, model_spec, norm_affine
+from sae_lens_attn.spec import model_spec
 
-from ._common import (
-    FeatureIds,
-    centre,
-    decode_token,
-    feature_ids,
-    normalization_kind,
-    residual_directions,
-    sae_site,
-)
+from ._common import FeatureIds, decode_token, feature_ids, sae_site
+from .logits import LogitEffects, logit_effects, logit_weights  # noqa: F401  (their old home)
 
 #: Histogram bin edges: 10 per decade from 1e-4 to 1e3; activations outside land in the end bins.
 HIST_EDGES = torch.logspace(-4, 3, 71)
@@ -362,46 +353,3 @@ def _merge_examples(top, samples, batch: torch.Tensor, acts: torch.Tensor, firin
     key_rand = torch.rand(flat.shape, generator=gen).masked_fill(~firing, float("-inf"))
     samples = _merge(samples, key_rand, flat, tok_pad, act_pad, row0, cfg)
     return top, samples
-
-
-class LogitEffects(NamedTuple):
-    """Each feature's direct effect on the logits: top and bottom tokens."""
-
-    features: Int[torch.Tensor, " f"]
-    top_tokens: Int[torch.Tensor, "f k"]
-    top_values: Float[torch.Tensor, "f k"]
-    bottom_tokens: Int[torch.Tensor, "f k"]
-    bottom_values: Float[torch.Tensor, "f k"]
-
-
-@torch.no_grad()
-def logit_weights(model, sae: SAE, features: FeatureIds = None, site: Site | None = None) -> Float[torch.Tensor, "f d_vocab"]:
-    """``centre(d_i) * w_ln_final @ W_U`` with ``d_i`` the feature's residual direction
-    (:func:`~._common.residual_directions`: W_dec[i] through W_O for hook_z, times the post-attention norm's
-    weight on Gemma-2): the direction read by the unembedding with the final norm's scale frozen (centring
-    for LayerNorm, none for RMSNorm; Gemma's ``1 + w`` weights included). Soft-capped logits (Gemma-2) are
-    read before the cap. Refused for encoders, whose masked-LM head applies dense + GELU before its norm."""
-    site = sae_site(sae, site)
-    spec = model_spec(model)
-    if spec.kind == "encoder":
-        raise UnsupportedModelError(
-            f"{spec.family} is an encoder: its masked-LM head applies a dense layer and GELU before the "
-            "unembedding, so a feature has no direct (linear) logit effect"
-        )
-    dirs = residual_directions(model, sae, site, features)
-    if hasattr(model, "ln_final"):
-        w, _ = norm_affine(model, model.ln_final, dirs.device)
-    else:
-        w = torch.ones(dirs.shape[-1], device=dirs.device)
-    kind = normalization_kind(model)
-    W_U = model.W_U.detach().float().to(dirs.device)
-    return centre(dirs, kind) * w @ W_U
-
-
-def logit_effects(model, sae: SAE, features: FeatureIds = None, site: Site | None = None, k: int = 10) -> LogitEffects:
-    """Top and bottom ``k`` tokens of :func:`logit_weights` per feature."""
-    ids = feature_ids(features, sae.cfg.d_sae)
-    weights = logit_weights(model, sae, ids, site)
-    top = weights.topk(k, dim=-1)
-    bottom = weights.topk(k, dim=-1, largest=False)
-    return LogitEffects(ids, top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu())

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from sae_lens_attn.analysis._common import decode_token
-from sae_lens_attn.analysis.features import Example, FeatureStats, StatsConfig, feature_stats, logit_weights
+from sae_lens_attn.analysis.features import Example, FeatureStats, StatsConfig, feature_stats
+from sae_lens_attn.analysis.logits import logit_weights
 from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import ensure_dir, write_json
 from sae_lens_attn.sae import SAE

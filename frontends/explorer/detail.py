@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from sae_lens_attn.analysis.dfa import dfa_by_source
-from sae_lens_attn.analysis.features import logit_effects
+from sae_lens_attn.analysis.logits import logit_effects
 from sae_lens_attn.analysis.rdfa import rdfa, rdfa_upstream_features, rdfa_upstream_heads, top_terms
 from sae_lens_attn.errors import InputError
 from sae_lens_attn.spec import UnsupportedModelError
