@@ -9,7 +9,7 @@ schema is at /openapi.json).
 JSON API (POST bodies are JSON; errors are ``{"detail": "..."}`` with 400 for bad input or a Host header
 not allowed (``hosts.py``), 404 for an unknown SAE, 422 for a malformed body or field (``fields.py``):
 
-``GET  /api/info``         the model and the loaded SAEs
+``GET  /api/info``         the model, the loaded SAEs and the analyses offered as panels
 ``POST /api/analyze``      ``{text, top_k=8}``: tokens, each SAE's top features per token
 ``POST /api/activations``  ``{text, sae, feature}``: one feature's activation on every token
 ``POST /api/feature``      ``{text, sae, feature, pos, n_logits=10, n_terms=12}``: DFA, error, RDFA, logits
