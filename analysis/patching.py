@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 
 from sae_lens_attn.errors import InputError
 from sae_lens_attn.models import model_device
-from sae_lens_attn.spec import Z_HOOK
+from sae_lens_attn.spec import Z_HOOK, model_spec
 
 from .circuits import Positions, position_mask
 
@@ -60,12 +60,16 @@ def _check_pair(clean: torch.Tensor, corrupted: torch.Tensor) -> None:
                          f"{tuple(corrupted.shape)}; corrupt each prompt without changing its length")
 
 
-def _gap(clean_m: float, corr_m: float) -> float:
+@torch.no_grad()
+def _clean_corrupted(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric) -> tuple[float, float, float]:
+    """The mean metric on the clean and on the corrupted prompts, and their gap (refused when there is none)."""
+    clean_m = float(metric(model(clean, return_type="logits")).mean())
+    corr_m = float(metric(model(corrupted, return_type="logits")).mean())
     gap = clean_m - corr_m
     if abs(gap) < 1e-6:
         raise InputError(f"the metric is {clean_m:.4g} on the clean and {corr_m:.4g} on the corrupted prompts: no gap "
                          "to normalise by; choose a corruption that changes the behaviour")
-    return gap
+    return clean_m, corr_m, gap
 
 
 @torch.no_grad()
@@ -94,9 +98,7 @@ def head_patching(
     clean, corrupted = clean.to(dev), corrupted.to(dev)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     layers = list(range(n_layers)) if layers is None else list(layers)
-    clean_m = float(metric(model(clean, return_type="logits")).mean())
-    corr_m = float(metric(model(corrupted, return_type="logits")).mean())
-    gap = _gap(clean_m, corr_m)
+    clean_m, corr_m, gap = _clean_corrupted(model, clean, corrupted, metric)
     z_corr = cache_z(model, corrupted, layers)
     mask = position_mask(positions, clean)
     b = clean.shape[0]
@@ -131,15 +133,14 @@ class PathPatching(NamedTuple):
 
 def _receiver_hooks(model, receivers: Sequence[Head], what: ReceiverInput) -> tuple[dict[int, list[int]], list[Head]]:
     """Per layer, the indices along the head axis of ``hook_{what}`` to patch, and the query heads affected."""
-    n_heads = model.cfg.n_heads
-    n_kv = getattr(model.cfg, "n_key_value_heads", None) or n_heads
+    spec = model_spec(model)
+    kv_of = spec.kv_index().tolist()  # query head -> its key/value head
     per_layer: dict[int, list[int]] = {}
     heads: list[Head] = []
     for layer, h in receivers:
-        if what in ("k", "v") and n_kv != n_heads:
-            g = h // (n_heads // n_kv)
-            idx = g
-            heads += [(layer, q) for q in range(n_heads) if q // (n_heads // n_kv) == g]
+        if what in ("k", "v") and spec.n_kv_heads != spec.n_heads:
+            idx = kv_of[h]
+            heads += [(layer, q) for q in range(spec.n_heads) if kv_of[q] == idx]
         else:
             idx = h
             heads.append((layer, h))
@@ -211,9 +212,7 @@ def path_patching(
         if s_layer >= min(recv):
             raise InputError(f"sender layer {s_layer} is not before every receiver (first receiver layer {min(recv)}); "
                              "pass senders in earlier layers")
-    clean_m = float(metric(model(clean, return_type="logits")).mean())
-    corr_m = float(metric(model(corrupted, return_type="logits")).mean())
-    gap = _gap(clean_m, corr_m)
+    clean_m, corr_m, gap = _clean_corrupted(model, clean, corrupted, metric)
     layers = list(range(last + 1))
     z_clean, z_corr = cache_z(model, clean, layers), cache_z(model, corrupted, layers)
     mask = position_mask(positions, clean)
