@@ -15,7 +15,7 @@ from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import write_json
 
 from . import report as _report  # noqa: F401  (registers ``analyze``)
-from .registry import ANALYSES, Analysis, Context
+from .registry import ANALYSES, Analysis, BelowMinimum, Context
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -45,9 +45,10 @@ def _checked(opt):
     def parse(text: str):
         try:
             return opt.parse(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err) if str(err).startswith(opt.flag) else
-                                             f"expected {opt.type.__name__}, got {text!r}") from None
+        except BelowMinimum as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {opt.type.__name__}, got {text!r}") from None
 
     parse.__name__ = opt.type.__name__
     return parse
@@ -69,15 +70,15 @@ def default_args(analysis: Analysis, sae: str, options: dict | None = None) -> a
     line (the explorer) passes as :attr:`Context.args`."""
     p = _add_analysis(argparse.ArgumentParser(prog="sae-lens-attn").add_subparsers(), analysis)
     args = p.parse_args(["--sae", sae])
-    own = {opt.flag.lstrip("-").replace("-", "_"): opt for opt in analysis.options}
+    own = {opt.dest: opt for opt in analysis.options}
     for name, value in (options or {}).items():
         if name not in own:
             raise InputError(f"{analysis.name} has no option {name!r}; its options: {', '.join(own) or 'none'}")
         try:
             setattr(args, name, own[name].parse(str(value)))  # as typed on a command line: 2.5 is not an int
-        except ValueError as err:
-            if str(err).startswith(own[name].flag):
-                raise InputError(f"{analysis.name}: option {name!r}: {err}") from None
+        except BelowMinimum as err:
+            raise InputError(f"{analysis.name}: option {name!r}: {err}") from None
+        except ValueError:
             raise InputError(f"{analysis.name}: option {name!r} must be {own[name].type.__name__}, got {value!r}") from None
     return args
 

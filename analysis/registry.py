@@ -47,12 +47,22 @@ class Option:
     """The smallest value allowed (a smaller one is refused naming the flag, on the command line and in the
     explorer), or None."""
 
+    @property
+    def dest(self) -> str:
+        """The option's name in the parsed flags and in the explorer's form (``--n-seq`` -> ``n_seq``)."""
+        return self.flag.lstrip("-").replace("-", "_")
+
     def parse(self, text: str):
-        """``text`` as this option's value; a value of the wrong type or under ``minimum`` is a ValueError."""
+        """``text`` as this option's value; a value of the wrong type is a ValueError, one under ``minimum`` a
+        :class:`BelowMinimum` naming the flag."""
         value = self.type(text)
         if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"{self.flag} must be >= {self.minimum}, got {value}")
+            raise BelowMinimum(f"{self.flag} must be >= {self.minimum}, got {value}")
         return value
+
+
+class BelowMinimum(ValueError):
+    """An option's value under its ``minimum``; the message names the flag and the bound."""
 
 
 @dataclass(frozen=True)

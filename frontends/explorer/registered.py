@@ -23,7 +23,7 @@ def panel_analyses() -> list[Analysis]:
 def describe() -> list[dict]:
     """Each panel analysis with its options, for the page's form."""
     return [{"name": a.name, "help": a.help, "options": [
-        {"name": o.flag.lstrip("-").replace("-", "_"), "flag": o.flag, "type": getattr(o.type, "__name__", "str"),
+        {"name": o.dest, "flag": o.flag, "type": getattr(o.type, "__name__", "str"),
          "default": o.default, "help": o.help} for o in a.options]} for a in panel_analyses()]
 
 
