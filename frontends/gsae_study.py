@@ -51,7 +51,7 @@ from sae_lens_attn.models import SAMPLE_TEXT, load_model, token_policy
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site
 from sae_lens_attn.spec import UnsupportedModelError, model_spec
-from sae_lens_attn.training.commands import add_config_arguments
+from sae_lens_attn.training.commands import add_config_arguments, int_list
 from sae_lens_attn.training.config import OptimSettings
 from sae_lens_attn.training.trainer import OptimConfig, Trainer
 
@@ -309,16 +309,12 @@ def report(out: Path, n_boot: int = 2000) -> str:
     return text
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
 def _parser() -> argparse.ArgumentParser:
     """The grid and run flags, then one flag per field of StudyConfig, OptimSettings and SteerConfig (help: the
     field docstrings)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--ks", default="8,16,32", help="TopK k values")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--ks", type=int_list, default="8,16,32", help="TopK k values")
+    p.add_argument("--seeds", type=int_list, default="0,1,2")
     p.add_argument("--betas", default="0.5,1,2,4", help="g-SAE betas; each g-SAE is paired with the TopK SAE")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else torch's)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the second interval")
@@ -347,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     if not a.report_only:
         t0 = time.time()
-        run_study(config_from_args(a), _ints(a.ks), _ints(a.seeds), [float(b) for b in a.betas.split(",") if b], out)
+        run_study(config_from_args(a), a.ks, a.seeds, [float(b) for b in a.betas.split(",") if b], out)
         print(f"study done in {time.time() - t0:.0f}s on {torch.get_num_threads()} thread(s)", flush=True)
     print(report(out, a.n_boot))
 

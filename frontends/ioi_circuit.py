@@ -17,17 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from sae_lens_attn.analysis.commands import HelpFormatter
 from sae_lens_attn.analysis.ioi import IOIDataset, corrupt_ioi, logit_diff, make_ioi
 from sae_lens_attn.analysis.ioi_heads import ioi_head_scores
 from sae_lens_attn.analysis.patching import head_patching, path_patching
 from sae_lens_attn.errors import InputError
 from sae_lens_attn.files import ensure_dir, write_json, write_text
 from sae_lens_attn.models import load_model
+from sae_lens_attn.training.commands import add_config_arguments
 
 #: A head counts for a role when patching it moves the logit difference by at least this share of the
 #: clean-corrupted gap (fixed before the SmolLM2 run; Wang et al. draw their circuit at a similar cut).
@@ -191,15 +193,11 @@ def run(cfg: CircuitConfig, out: Path, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = CircuitConfig()
-    p.add_argument("--model", default=None, help="hub id, local dir or .gguf file")
-    p.add_argument("--start-token", default=None, help="the model's start-token rule, e.g. '<|endoftext|>'")
-    p.add_argument("--prompts", type=int, default=d.prompts)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default="benchmarks/ioi_circuit")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_config_arguments(p, CircuitConfig)  # one flag per field, its help the field's docstring
+    p.add_argument("--out", default="benchmarks/ioi_circuit", help="folder of circuit.json, circuit.md, circuit.html")
     a = p.parse_args(argv)
-    cfg = CircuitConfig(model=a.model, start_token=a.start_token, prompts=a.prompts, seed=a.seed)
+    cfg = CircuitConfig(**{f.name: getattr(a, f.name) for f in fields(CircuitConfig)})
     parts = run(cfg, Path(a.out))
     print(role_table(parts))
 

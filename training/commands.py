@@ -32,7 +32,8 @@ def _optional(kind):
     return parse
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """An argparse type: '1,2' -> [1, 2]; anything else is an error naming the text."""
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -44,7 +45,7 @@ def _kind(hint):
     if hint is bool:
         return _bool
     if typing.get_origin(hint) is list:
-        return _ints
+        return int_list
     return hint
 
 
