@@ -1,6 +1,6 @@
 """End to end: tokens/s of harvest plus training, TopK and g-SAE, one SAE per layer (all layers at once).
 
-For each model and each selection rule this runs the real pipeline: ``activation_batches`` (which calls
+For each model and each selection rule this runs the real pipeline: ``stream.activation_batches`` (which calls
 ``harvest`` on ``model_batch_rows`` token rows at a time, with ``with_grad=True`` for the g-SAE, and shuffles
 through its token buffer) feeding ``Trainer.fit`` with one SAE per layer at ``hook_z`` (all heads). After
 ``--warmup`` steps (b_dec initialisation, Adam state, allocator), ``--steps`` steps are timed and split into
@@ -132,9 +132,9 @@ class TimedIter:
 def run_case(model, rows, label: str, selection: str, d_sae: int, args) -> dict:
     import torch
 
-    from sae_lens_attn.activations import activation_batches
     from sae_lens_attn.sae import SAE, SAEConfig
     from sae_lens_attn.sites import parse_sites
+    from sae_lens_attn.stream import activation_batches
     from sae_lens_attn.training.trainer import OptimConfig, Trainer
 
     sites = parse_sites("all", "z", n_layers=model.cfg.n_layers)

@@ -9,8 +9,7 @@
   frozen by ``load_model``) and the gradients detached.
 * Sites are read where :meth:`~sae_lens_attn.spec.ModelSpec.capture_hook` says (``attn_out`` at the output
   projection on every family), and the mask drops the tokenization policy's structural tokens.
-* :func:`activation_batches` turns token rows into shuffled ``[batch, d_in]`` batches for training, with
-  the same tokens at every site so many SAEs can train from one pass.
+* :mod:`sae_lens_attn.stream` turns token rows into shuffled training batches through :func:`harvest`.
 * :func:`splice` is the context manager evals and analysis use to replace a site's activation.
 """
 
@@ -167,90 +166,6 @@ def _site_vectors(
     for s, t in out.items():
         _check_finite(s, t, what)
     return out
-
-
-def activation_batches(
-    model,
-    rows: Int[torch.Tensor, "rows pos"],
-    sites: Sequence[Site],
-    batch_size: int,
-    *,
-    model_batch_rows: int = 32,
-    buffer_tokens: int = 65536,
-    with_grad: bool = False,
-    drop_bos: bool = True,
-    seed: int = 0,
-    epochs: int | None = None,
-    device: str | torch.device | None = None,
-) -> Iterator[dict[Site, SiteBatch]]:
-    """Shuffled training batches from token ``rows``, cycling over them (``epochs`` times, or forever).
-
-    A buffer of ``buffer_tokens`` harvested tokens is shuffled, half of it is served, and the other half is
-    kept to mix with the next harvest (the usual activation-store scheme), so batches mix many rows.
-    Every site's batch holds the same tokens, in the same order.
-    """
-    if batch_size <= 0:
-        raise InputError(f"batch_size must be positive, got {batch_size}")
-    if rows.ndim != 2 or rows.shape[0] == 0:
-        raise InputError(f"rows must be a non-empty [rows, pos] token tensor, got shape {tuple(rows.shape)}")
-    gen = torch.Generator().manual_seed(seed)
-    out_device = torch.device(device) if device is not None else model_device(model)
-    buf = _ShuffleBuffer(list(sites), with_grad, batch_size, gen, out_device)
-    capacity = max(buffer_tokens, 2 * batch_size)
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        order = torch.randperm(rows.shape[0], generator=gen)
-        for start in range(0, len(order), model_batch_rows):
-            buf.add(harvest(model, rows[order[start : start + model_batch_rows]], sites, with_grad, drop_bos))
-            if buf.have >= capacity:
-                yield from buf.drain(final=False)
-        epoch += 1
-    if buf.have >= batch_size:
-        yield from buf.drain(final=True)
-
-
-class _ShuffleBuffer:
-    """Harvested vectors of every site, kept in the same token order across sites until served."""
-
-    def __init__(self, keys: list[Site], with_grad: bool, batch_size: int, gen: torch.Generator,
-                 out_device: torch.device):
-        self.keys, self.with_grad, self.batch_size, self.gen, self.out_device = keys, with_grad, batch_size, gen, out_device
-        self.store: dict[Site, list[torch.Tensor]] = {s: [] for s in keys}
-        self.gstore: dict[Site, list[torch.Tensor]] = {s: [] for s in keys}
-        self.have = 0
-
-    def add(self, h) -> None:
-        kept = kept_vectors(h, self.keys)
-        for s in self.keys:
-            self.store[s].append(kept[s].acts)
-            if self.with_grad:
-                self.gstore[s].append(kept[s].grads)
-        self.have += int(h.mask.sum())
-
-    def drain(self, final: bool) -> Iterator[dict[Site, SiteBatch]]:
-        """Shuffle what is held and serve whole batches: all of it when ``final``, else half (the rest
-        stays to mix with the next harvest)."""
-        keys, dev = self.keys, self.out_device
-        cat = {s: torch.cat(self.store[s]) for s in keys}
-        gcat = {s: torch.cat(self.gstore[s]) for s in keys} if self.with_grad else None
-        perm = torch.randperm(self.have, generator=self.gen)
-        serve = self.have if final else self.have // 2
-        n_batches = serve // self.batch_size
-        for b in range(n_batches):
-            idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
-            yield {
-                s: SiteBatch(
-                    cat[s][idx].to(dev, non_blocking=True),
-                    gcat[s][idx].to(dev, non_blocking=True) if gcat is not None else None,
-                )
-                for s in keys
-            }
-        rest = perm[n_batches * self.batch_size :]
-        for s in keys:
-            self.store[s] = [cat[s][rest]]
-            if gcat is not None:
-                self.gstore[s] = [gcat[s][rest]]
-        self.have = len(rest)
 
 
 @contextmanager

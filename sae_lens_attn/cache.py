@@ -30,7 +30,7 @@ whole, and the epoch's stream is the concatenation of these window permutations.
 epoch boundary: the remainder is carried over, not dropped), and every vector appears exactly once in each
 epoch's stretch of ``n_tokens`` vectors. Memory is about twice one window of shards. Because a shard holds
 ``shard_tokens`` vectors of whole rows, a window of 4 default shards mixes ~256k tokens from many rows, more
-than the 64k-token buffer of :func:`sae_lens_attn.activations.activation_batches`.
+than the 64k-token buffer of :func:`sae_lens_attn.stream.activation_batches`.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ from functools import partial
 
 import torch
 
-from sae_lens_attn.activations import activation_batches, harvest
+from sae_lens_attn.activations import harvest
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site
+from sae_lens_attn.stream import activation_batches
 from sae_lens_attn.training.trainer import OptimConfig, Trainer
 
 from .conftest import random_rows

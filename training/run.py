@@ -9,10 +9,11 @@ Where the activation batches come from (``make_batches``), and how ``--resume`` 
 * **activation cache** (``--activation-cache``): shards on disk, read back memory-mapped
   (:meth:`CachedActivations.batches`). Resuming skips the consumed batches without the model (the batches
   are views of the shuffled windows, never copied to the device while skipped).
-* **streaming** (too big for memory, no cache): :func:`activation_batches` harvests as it goes. Its
-  shuffle buffer depends on everything harvested before, so resuming *replays* the stream up to the
-  checkpoint's position, running the model again for the skipped batches (the SAE steps are not redone).
-  Use an activation cache when this matters.
+* **streaming** (too big for memory, no cache): :func:`~sae_lens_attn.stream.activation_batches` harvests
+  as it goes. Its shuffle buffer depends on everything harvested before, so resuming replays the stream's
+  schedule without the model and harvests only the chunks of rows with vectors still to be served at the
+  checkpoint's position (about 110 chunks with the defaults, however late the checkpoint; see
+  :mod:`sae_lens_attn.stream`); the batches from there on are the uninterrupted run's.
 
 Several processes (``torchrun``; ``training/distributed.py``): in ``dp`` mode each rank takes every
 ``world``-th token row (in memory / streaming) and a batch of ``batch_size / world`` vectors per step, or
@@ -34,7 +35,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from sae_lens_attn.activations import SiteBatch, activation_batches, check_sites, harvest_all
+from sae_lens_attn.activations import SiteBatch, check_sites, harvest_all
 from sae_lens_attn.cache import CachedActivations, write_cache
 from sae_lens_attn.data import check_text_source
 from sae_lens_attn.devices import check_device
@@ -44,6 +45,7 @@ from sae_lens_attn.files import write_json, write_text
 from sae_lens_attn.models import SAMPLE_TEXT, describe_tokens, load_model, model_name, token_policy
 from sae_lens_attn.sae import SAE, SAEConfig
 from sae_lens_attn.sites import Site, parse_sites
+from sae_lens_attn.stream import activation_batches
 
 from .config import TrainConfig
 from .distributed import Dist, rank_device, shard_sites
@@ -204,12 +206,12 @@ def make_batches(
         data = harvest_all(model, rows, sites, model_batch_rows=cfg.model_batch_rows, with_grad=with_grad,
                            drop_bos=cfg.drop_bos)
         return BatchSource(memory_batches(data, batch_size, cfg.seed, device, start=start), "memory", layout)
-    stream = activation_batches(model, rows, sites, batch_size, model_batch_rows=cfg.model_batch_rows,
-                                with_grad=with_grad, drop_bos=cfg.drop_bos, seed=cfg.seed)
     if start:
-        log(f"resume: replaying {start} streamed batches (the model runs again for them; an activation cache "
-            "avoids this)")
-    return BatchSource(itertools.islice(stream, start, None), "stream", layout)
+        log(f"resume: passing over {start} streamed batches (the model runs only on rows with tokens still to "
+            "be served)")
+    stream = activation_batches(model, rows, sites, batch_size, model_batch_rows=cfg.model_batch_rows,
+                                with_grad=with_grad, drop_bos=cfg.drop_bos, seed=cfg.seed, skip=start, log=log)
+    return BatchSource(stream, "stream", layout)
 
 
 # ---------------------------------------------------------------------------------------------- resume
