@@ -20,7 +20,7 @@ Inputs, each made by a documented command (README, "A real model: SmolLM2-135M")
 * `benchmarks/ioi_smollm2/circuit.json`: per-head patching and path patching, by
   `python -m sae_lens_attn.frontends.ioi_circuit`;
 * the SAEs: `sae-lens-attn train --model <gguf> --dataset <python docs> --layers 4,8,16,17,20,23 --k 16
-  --expansion-factor 16 --tokens 1500000 ...` into `runs/smollm2` (or the folder in `SAE_LENS_ATTN_SMOLLM2_RUN`).
+  --expansion-factor 16 --tokens 2000000 ...` into `runs/smollm2` (or the folder in `SAE_LENS_ATTN_SMOLLM2_RUN`).
 
 Every threshold asserted below was fixed before the run."""),
     CODE("""import json
