@@ -1,6 +1,6 @@
-"""Writes ``ioi-smollm2.ipynb`` (unexecuted); execute it with
-``jupyter nbconvert --to notebook --execute --inplace notebooks/ioi-smollm2.ipynb`` (tests/test_notebooks.py
-re-executes it). Kept as a script so the cells are reviewed as code."""
+"""Writes ``ioi-smollm2.ipynb`` (unexecuted); execute it in place with nbclient or ``jupyter nbconvert --to
+notebook --execute --inplace notebooks/ioi-smollm2.ipynb`` (tests/test_notebooks.py re-executes it). Kept as a
+script so the cells are reviewed as code."""
 
 from pathlib import Path
 

@@ -70,7 +70,7 @@ def test_quickstart_trains_its_own_sae(tmp_path, monkeypatch):
 
 
 #: The SAEs the SmolLM2 notebook reads when no committed-run folder is at hand: the documented command's
-#: layers at a smaller budget (the README's figures come from the 1.5M-token run).
+#: layers at a smaller budget (the README's figures come from the committed 2M-token run).
 SMOLLM2_TEST_TOKENS = 300_000
 
 
