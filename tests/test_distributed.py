@@ -221,3 +221,36 @@ def test_cli_refuses_off_under_torchrun_and_a_missing_rendezvous(monkeypatch, ca
     with pytest.raises(SystemExit) as exc:
         main(["train", "--distributed", "dp", "--progress", "false"])
     assert exc.value.code == 2 and "MASTER_ADDR is not set: launch with torchrun" in capsys.readouterr().err
+
+
+class _RecordingTD:
+    """Stands in for torch.distributed: records what close() calls, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def is_initialized(self):
+        return True
+
+    def monitored_barrier(self, group=None, timeout=None):
+        self.calls.append(("barrier", timeout))
+
+    def destroy_process_group(self):
+        self.calls.append(("destroy", None))
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_close_waits_for_every_rank_only_after_a_normal_end(wait):
+    from datetime import timedelta
+
+    from sae_lens_attn.training.distributed import TorchDist
+
+    d = TorchDist.__new__(TorchDist)  # no process group: only close()'s order is under test
+    d._td, d._cpu_group = _RecordingTD(), None
+    d.close(wait=wait)
+    names = [name for name, _ in d._td.calls]
+    # a normal end: every rank meets before the group goes (rank 0 may still be evaluating, so no 30-min cap);
+    # a failed rank leaves at once, where a barrier would hang the others until the timeout
+    assert names == (["barrier", "destroy"] if wait else ["destroy"])
+    if wait:
+        assert d._td.calls[0][1] >= timedelta(hours=2)

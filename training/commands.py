@@ -129,8 +129,10 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     except UserError as err:
         parser.error(_flag_names(str(err)))
     prefix = "sae-lens-attn: error" + (f" (rank {dist.rank})" if dist.world_size > 1 else "")
+    finished = False
     try:
         result = train(cfg, log=print if dist.is_main else (lambda *a, **k: None), dist=dist)
+        finished = True
     except UserError as err:  # anything else is a bug: its traceback surfaces, exit 1
         print(f"{prefix}: {_flag_names(one_line(err))}", file=sys.stderr)
         return 2
@@ -144,7 +146,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
               f"continue from the last checkpoint, if any:\n{resume_command(argv)}", file=sys.stderr)
         return 130
     finally:
-        dist.close()
+        dist.close(wait=finished)
     if dist.is_main:
         print()
         print(result.table())

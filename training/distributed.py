@@ -66,8 +66,8 @@ class Dist:
     def barrier(self) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, wait: bool = False) -> None:
+        """Leave the process group; ``wait``: after every rank has arrived (the run ended normally)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, mode={self.mode!r})"
@@ -118,9 +118,16 @@ class TorchDist(Dist):
     def barrier(self) -> None:
         self._td.barrier(group=self._cpu_group)
 
-    def close(self) -> None:
-        if self._td.is_initialized():
-            self._td.destroy_process_group()
+    def close(self, wait: bool = False) -> None:
+        if not self._td.is_initialized():
+            return
+        if wait:
+            # A rank that tears gloo down while rank 0 still evaluates can abort in C++ ("terminate called
+            # without an active exception"; seen in about 1 of 6 torchrun runs), and torchrun then kills rank 0
+            # mid-evaluation. So the ranks leave together. The wait is rank 0's evaluation, which can outlast
+            # the group's 30-minute timeout at scale; a rank that dies instead is torchrun's to stop.
+            self._td.monitored_barrier(group=self._cpu_group, timeout=timedelta(days=1))
+        self._td.destroy_process_group()
 
 
 def env_world_size() -> int:
