@@ -60,6 +60,7 @@ def _worker(rank: int, mode: str, out: str) -> None:
     # a file rendezvous: no port to race for with other processes on the machine
     td.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD)
     dist = TorchDist(mode, "gloo")
+    finished = False
     try:
         sites = [Site(0), Site(1)] if mode == "sites" else [Site(0)]
         mine = shard_sites(sites, dist)
@@ -81,8 +82,9 @@ def _worker(rank: int, mode: str, out: str) -> None:
             },
             Path(out) / f"rank{rank}.pt",
         )
+        finished = True
     finally:
-        dist.close()
+        dist.close(wait=finished)  # as the CLI does: ranks that leave gloo apart can abort in C++
 
 
 def _spawn(mode: str, tmp_path: Path) -> list[dict]:
