@@ -123,8 +123,8 @@ class TorchDist(Dist):
             return
         if wait:
             # A rank that tears gloo down while rank 0 still evaluates can abort in C++ ("terminate called
-            # without an active exception"; seen in 2 of 15 torchrun runs of the slow test), and torchrun then kills rank 0
-            # mid-evaluation. So the ranks leave together. The wait is rank 0's evaluation, which can outlast
+            # without an active exception"; seen in 2 of 15 torchrun runs of the slow test), and torchrun then
+            # kills rank 0 mid-evaluation. So the ranks leave together. The wait is rank 0's evaluation, which can outlast
             # the group's 30-minute timeout at scale; a rank that dies instead is torchrun's to stop.
             self._td.monitored_barrier(group=self._cpu_group, timeout=timedelta(days=1))
         self._td.destroy_process_group()
